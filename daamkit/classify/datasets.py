@@ -1,0 +1,363 @@
+"""Classification datasets read from their original on-disk layouts, as lazily loaded item lists.
+
+Tasks (`load_task(task, data_dir)`):
+- `iemocap`: `IEMOCAP_full_release/Session{1..5}/sentences/wav/<dialog>/<utt>.wav`, labels from
+  `Session*/dialog/EmoEvaluation/*.txt`; classes neu, hap (hap + exc), ang, sad; audio resampled to the
+  encoder rate (16 kHz for WavLM) and cut into 5-second chunks that keep utterance id and session.
+  One split, "all", grouped by session for leave-one-session-out folds.
+- `agnews`: `train.csv` / `test.csv` without header: class 1-4, title, description (text = title + " " +
+  description).
+- `cifar100`: the `cifar-100-python/` pickles (`train`, `test`, `meta`), 100 fine labels.
+- `text-csv`: `train.csv` / `test.csv` with a header and columns `text` and `label`.
+- `image-folder` / `audio-folder`: `DIR/train/<class>/*` and `DIR/test/<class>/*`.
+
+Nothing heavy is read up front: a split holds item metadata, labels and a `load(i)` that returns the raw
+input (a `str`, an RGB `PIL.Image`, or a mono float32 waveform at the requested sampling rate).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import pickle
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from daamkit.common.errors import DaamkitError
+
+TASK_MODALITY = {
+    "iemocap": "audio",
+    "agnews": "text",
+    "cifar100": "image",
+    "text-csv": "text",
+    "image-folder": "image",
+    "audio-folder": "audio",
+}
+IEMOCAP_CLASSES = ["neu", "hap", "ang", "sad"]
+IEMOCAP_LABEL_MAP = {"neu": "neu", "hap": "hap", "exc": "hap", "ang": "ang", "sad": "sad"}
+AGNEWS_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+CHUNK_SECONDS = 5.0
+MIN_CHUNK_SECONDS = 1.0  # a trailing remainder shorter than this is dropped (unless it is the whole utterance)
+
+_EMO_LINE = re.compile(r"^\[\s*[\d.]+\s*-\s*[\d.]+\s*\]\t(\S+)\t(\S+)\t")
+
+
+@dataclass
+class DatasetSplit:
+    """One split: item records ({"id", "group", "utterance"}), integer labels and a lazy raw-input loader."""
+
+    name: str
+    items: list[dict[str, Any]]
+    labels: list[int]
+    loader: Callable[[int], Any] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> Any:
+        return self.loader(index)
+
+    def subset(self, indices: list[int]) -> "DatasetSplit":
+        """The items at `indices` (in that order), loading through the same loader."""
+        return DatasetSplit(
+            self.name,
+            [self.items[i] for i in indices],
+            [self.labels[i] for i in indices],
+            lambda i: self.loader(indices[i]),
+        )
+
+
+@dataclass
+class TaskData:
+    """A whole task: modality, class names (label order), splits and a fingerprint of what was read."""
+
+    task: str
+    modality: str
+    classes: list[str]
+    splits: dict[str, DatasetSplit]
+    grouping: str | None
+    fingerprint: str
+
+
+def load_task(
+    task: str,
+    data_dir: str | Path,
+    *,
+    sampling_rate: int = 16000,
+    max_items: int | None = None,
+) -> TaskData:
+    """Read `task` from `data_dir`; `max_items` keeps an evenly spaced subset of every split (smoke runs)."""
+    if task not in TASK_MODALITY:
+        raise DaamkitError(f"unknown task {task!r}; choose one of {', '.join(TASK_MODALITY)}")
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise DaamkitError(f"data folder {data_dir} does not exist")
+    if max_items is not None and max_items < 1:
+        raise DaamkitError(f"--max-items must be at least 1, got {max_items}")
+    reader = _READERS[task]
+    classes, splits, grouping, sources = reader(data_dir, sampling_rate)
+    for split in splits.values():
+        if not split.items:
+            raise DaamkitError(f"split {split.name!r} of {task} data in {data_dir} is empty")
+    if max_items is not None:
+        splits = {name: split.subset(_spread(len(split), max_items)) for name, split in splits.items()}
+    digest = hashlib.sha256(repr((task, sampling_rate if TASK_MODALITY[task] == "audio" else None, sources)).encode())
+    for name, split in splits.items():
+        digest.update(repr((name, [item["id"] for item in split.items], split.labels)).encode())
+    return TaskData(task, TASK_MODALITY[task], classes, splits, grouping, digest.hexdigest()[:16])
+
+
+def _spread(total: int, count: int) -> list[int]:
+    """`count` indices spread evenly over range(total) (all of them when count >= total)."""
+    if count >= total:
+        return list(range(total))
+    return sorted({round(x) for x in np.linspace(0, total - 1, count)})
+
+
+def _file_signature(path: Path, root: Path) -> tuple[str, int]:
+    return str(path.relative_to(root)), path.stat().st_size
+
+
+# ---------------------------------------------------------------- audio
+
+
+def _audio_length(path: Path, sampling_rate: int) -> int:
+    """Number of samples of `path` once resampled to `sampling_rate` (the length `read_audio` returns)."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+    except (RuntimeError, soundfile.LibsndfileError) as err:
+        raise DaamkitError(f"cannot read audio file {path}: {err}") from err
+    if info.samplerate == sampling_rate:
+        return info.frames
+    return math.ceil(info.frames * sampling_rate / info.samplerate)
+
+
+@lru_cache(maxsize=4)
+def read_audio(path: Path, sampling_rate: int) -> np.ndarray:
+    """A mono float32 waveform of `path` at `sampling_rate` (polyphase resampling when the file differs)."""
+    import soundfile
+
+    try:
+        wave, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as err:
+        raise DaamkitError(f"cannot read audio file {path}: {err}") from err
+    wave = wave.mean(axis=1)
+    if rate != sampling_rate:
+        from scipy.signal import resample_poly
+
+        divisor = math.gcd(rate, sampling_rate)
+        wave = resample_poly(wave, sampling_rate // divisor, rate // divisor).astype(np.float32)
+    return wave
+
+
+def chunk_bounds(num_samples: int, sampling_rate: int, chunk_seconds: float = CHUNK_SECONDS) -> list[tuple[int, int]]:
+    """[start, stop) sample ranges of consecutive chunks; a short trailing remainder is dropped."""
+    size = int(round(chunk_seconds * sampling_rate))
+    minimum = int(round(MIN_CHUNK_SECONDS * sampling_rate))
+    bounds = [(start, min(start + size, num_samples)) for start in range(0, num_samples, size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < minimum:
+        bounds.pop()
+    return bounds
+
+
+def _read_iemocap(root: Path, sampling_rate: int):
+    if (root / "IEMOCAP_full_release").is_dir():
+        root = root / "IEMOCAP_full_release"
+    sessions = sorted(p for p in root.glob("Session[1-5]") if p.is_dir())
+    if not sessions:
+        raise DaamkitError(f"{root} has no Session1..Session5 folders; point --data at IEMOCAP_full_release")
+    items, labels, chunks, sources = [], [], [], []
+    for session in sessions:
+        emo_dir = session / "dialog" / "EmoEvaluation"
+        label_files = sorted(p for p in emo_dir.glob("*.txt") if not p.name.startswith("."))
+        if not label_files:
+            raise DaamkitError(f"{emo_dir} holds no EmoEvaluation *.txt label files")
+        for label_file in label_files:
+            for line in label_file.read_text(errors="replace").splitlines():
+                match = _EMO_LINE.match(line)
+                if not match or match.group(2) not in IEMOCAP_LABEL_MAP:
+                    continue
+                utterance = match.group(1)
+                wav = session / "sentences" / "wav" / utterance.rsplit("_", 1)[0] / f"{utterance}.wav"
+                if not wav.is_file():
+                    raise DaamkitError(f"{label_file} labels {utterance} but {wav} is missing")
+                sources.append(_file_signature(wav, root))
+                label = IEMOCAP_CLASSES.index(IEMOCAP_LABEL_MAP[match.group(2)])
+                for k, (start, stop) in enumerate(chunk_bounds(_audio_length(wav, sampling_rate), sampling_rate)):
+                    items.append({"id": f"{utterance}#{k}", "group": session.name, "utterance": utterance})
+                    labels.append(label)
+                    chunks.append((wav, start, stop))
+
+    def load(index: int) -> np.ndarray:
+        wav, start, stop = chunks[index]
+        return read_audio(wav, sampling_rate)[start:stop]
+
+    return IEMOCAP_CLASSES, {"all": DatasetSplit("all", items, labels, load)}, "session", sources
+
+
+# ---------------------------------------------------------------- text
+
+
+def _require_files(root: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not (root / name).is_file():
+            raise DaamkitError(f"{root / name} is missing")
+
+
+def _read_agnews(root: Path, sampling_rate: int):
+    _require_files(root, ("train.csv", "test.csv"))
+    splits, sources = {}, []
+    for name in ("train", "test"):
+        path = root / f"{name}.csv"
+        texts, labels = [], []
+        with open(path, newline="", encoding="utf-8") as handle:
+            for line_no, row in enumerate(csv.reader(handle), start=1):
+                if len(row) != 3:
+                    raise DaamkitError(f"{path}:{line_no}: expected 3 columns (class, title, description), got {len(row)}")
+                if row[0].strip() not in {"1", "2", "3", "4"}:
+                    raise DaamkitError(f"{path}:{line_no}: unknown label {row[0]!r} (AG News classes are 1-4)")
+                labels.append(int(row[0]) - 1)
+                texts.append(f"{row[1].strip()} {row[2].strip()}")
+        splits[name] = _text_split(name, texts, labels)
+        sources.append((path.name, hashlib.sha256(path.read_bytes()).hexdigest()))
+    return AGNEWS_CLASSES, splits, None, sources
+
+
+def _text_split(name: str, texts: list[str], labels: list[int]) -> DatasetSplit:
+    items = [{"id": f"{name}/{i}", "group": None, "utterance": None} for i in range(len(texts))]
+    return DatasetSplit(name, items, labels, texts.__getitem__)
+
+
+def _sorted_labels(names: set[str]) -> list[str]:
+    """Class names in a natural order: numerically when every name is an integer, else alphabetically."""
+    if all(re.fullmatch(r"-?\d+", name) for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _read_text_csv(root: Path, sampling_rate: int):
+    _require_files(root, ("train.csv", "test.csv"))
+    rows, sources = {}, []
+    for name in ("train", "test"):
+        path = root / f"{name}.csv"
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"text", "label"} - set(reader.fieldnames or [])
+            if missing:
+                raise DaamkitError(f"{path} has no column(s) {', '.join(sorted(missing))}; the header needs text,label")
+            rows[name] = [(row["text"] or "", (row["label"] or "").strip()) for row in reader]
+        sources.append((path.name, hashlib.sha256(path.read_bytes()).hexdigest()))
+    classes = _sorted_labels({label for _, label in rows["train"]})
+    index = {label: i for i, label in enumerate(classes)}
+    splits = {}
+    for name, pairs in rows.items():
+        for row_no, (_, label) in enumerate(pairs, start=2):
+            if label not in index:
+                raise DaamkitError(
+                    f"{root / (name + '.csv')}:{row_no}: unknown label {label!r} (train.csv labels: {', '.join(classes)})"
+                )
+        splits[name] = _text_split(name, [text for text, _ in pairs], [index[label] for _, label in pairs])
+    return classes, splits, None, sources
+
+
+# ---------------------------------------------------------------- images
+
+
+def _read_cifar100(root: Path, sampling_rate: int):
+    if (root / "cifar-100-python").is_dir():
+        root = root / "cifar-100-python"
+    _require_files(root, ("train", "test", "meta"))
+    meta = _unpickle(root / "meta")
+    classes = [name.decode() if isinstance(name, bytes) else name for name in meta[b"fine_label_names"]]
+    splits, sources = {}, []
+    for name in ("train", "test"):
+        batch = _unpickle(root / name)
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = [int(x) for x in batch[b"fine_labels"]]
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+            raise DaamkitError(f"{root / name} is not a CIFAR-100 pickle (data {data.shape}, {len(labels)} labels)")
+        bad = [x for x in labels if not 0 <= x < len(classes)]
+        if bad:
+            raise DaamkitError(f"{root / name}: unknown label {bad[0]} (CIFAR-100 has {len(classes)} classes)")
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        items = [{"id": f"{name}/{i}", "group": None, "utterance": None} for i in range(len(labels))]
+        splits[name] = DatasetSplit(name, items, labels, lambda i, images=images: _to_pil(images[i]))
+        sources.append(_file_signature(root / name, root))
+    return classes, splits, None, sources
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise DaamkitError(f"{path} is not a readable CIFAR-100 pickle: {err}") from err
+
+
+def _to_pil(array: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+def _load_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise DaamkitError(f"cannot read image {path}: {err}") from err
+
+
+# ---------------------------------------------------------------- class folders
+
+
+def _read_class_folders(root: Path, suffixes: set[str], load_file: Callable[[Path], Any]):
+    """DIR/train/<class>/* and DIR/test/<class>/*; classes come from train, test may not add any."""
+    for name in ("train", "test"):
+        if not (root / name).is_dir():
+            raise DaamkitError(f"{root / name} is missing; expected {root}/train/<class>/ and {root}/test/<class>/")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    index = {name: i for i, name in enumerate(classes)}
+    splits, sources = {}, []
+    for name in ("train", "test"):
+        files, labels = [], []
+        for class_dir in sorted(p for p in (root / name).iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if class_dir.name not in index:
+                raise DaamkitError(f"unknown label {class_dir.name!r}: {class_dir} has no counterpart in {root / 'train'}")
+            for path in sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in suffixes and p.is_file()):
+                files.append(path)
+                labels.append(index[class_dir.name])
+        items = [{"id": str(p.relative_to(root)), "group": None, "utterance": None} for p in files]
+        splits[name] = DatasetSplit(name, items, labels, lambda i, files=files: load_file(files[i]))
+        sources.extend(_file_signature(p, root) for p in files)
+    return classes, splits, None, sources
+
+
+def _read_image_folder(root: Path, sampling_rate: int):
+    return _read_class_folders(root, IMAGE_SUFFIXES, _load_image)
+
+
+def _read_audio_folder(root: Path, sampling_rate: int):
+    return _read_class_folders(root, AUDIO_SUFFIXES, lambda path: read_audio(path, sampling_rate))
+
+
+_READERS = {
+    "iemocap": _read_iemocap,
+    "agnews": _read_agnews,
+    "cifar100": _read_cifar100,
+    "text-csv": _read_text_csv,
+    "image-folder": _read_image_folder,
+    "audio-folder": _read_audio_folder,
+}

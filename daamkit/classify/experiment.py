@@ -1,0 +1,136 @@
+"""One run's setup, shared by train, evaluate and importance: the cache, the paper defaults, the splits,
+the device, and `run.json`, from which a finished run can be rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from daamkit.classify.feature_cache import FeatureCache, FeatureSplit
+from daamkit.classify.protocol import SplitPlan, leave_one_group_out, repeated_runs
+from daamkit.common.errors import DaamkitError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+SPEECH_TASKS = ("iemocap", "audio-folder")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+def is_speech(manifest: dict) -> bool:
+    """Speech tasks get batch 8 and the focal loss (paper defaults)."""
+    return manifest.get("task") in SPEECH_TASKS
+
+
+def default_lr(manifest: dict) -> float:
+    """1e-4, or 5e-5 when the frozen encoder is a Llama model (paper defaults)."""
+    return 5e-5 if "llama" in str(manifest.get("encoder", "")).lower() else 1e-4
+
+
+def default_batch_size(manifest: dict) -> int:
+    return 8 if is_speech(manifest) else 32
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """`auto` -> bf16 on a GPU that supports it, fp16 on other GPUs, no mixed precision on CPU."""
+    if choice not in MIXED_PRECISION:
+        raise DaamkitError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_accelerator(mixed_precision: str, cpu: bool = False):
+    """An Accelerate `Accelerator` for device placement and mixed precision (works under `accelerate launch`)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=cpu)
+
+
+def plan_splits(cache: FeatureCache, sources: dict[str, FeatureSplit], *, seed: int, runs: int,
+                dev_fraction: float) -> list[SplitPlan]:
+    """Leave-one-session-out folds for grouped caches (IEMOCAP), else `runs` seeded runs on train/test."""
+    if cache.manifest.get("grouping"):
+        if runs != 1:
+            raise DaamkitError("--runs is for train/test tasks; a session-grouped cache trains one model per fold")
+        (source,) = sources.values()
+        return leave_one_group_out(source.groups, source.labels, _units(source), source.name, seed, dev_fraction)
+    train, test = sources["train"], sources["test"]
+    return repeated_runs(len(train), len(test), train.labels, _units(train), runs, seed, dev_fraction)
+
+
+def open_sources(cache: FeatureCache) -> dict[str, FeatureSplit]:
+    """The splits a run reads: the one grouped split, or `train` and `test`."""
+    if cache.manifest.get("grouping"):
+        if len(cache.splits) != 1:
+            raise DaamkitError(f"a session-grouped cache must hold one split, {cache.directory} has {cache.splits}")
+        return {name: cache.split(name) for name in cache.splits}
+    missing = [name for name in ("train", "test") if name not in cache.splits]
+    if missing:
+        raise DaamkitError(f"feature cache {cache.directory} has no {' or '.join(missing)} split; extract it first")
+    return {name: cache.split(name) for name in ("train", "test")}
+
+
+def _units(split: FeatureSplit) -> Optional[list]:
+    """Utterance ids when items are chunks of utterances (kept together in dev splits), else None."""
+    utterances = [item.get("utterance") for item in split.items]
+    return utterances if any(u is not None for u in utterances) else None
+
+
+@dataclass
+class RunContext:
+    """A run rebuilt from `run.json` plus a feature cache: what evaluate and importance need."""
+
+    run_dir: Path
+    run: dict[str, Any]
+    cache: FeatureCache
+    sources: dict[str, FeatureSplit]
+    plans: list[SplitPlan]
+
+    @property
+    def layer_positions(self) -> list[int]:
+        return self.run["layer_positions"]
+
+    def checkpoint_dir(self, split_name: str) -> Path:
+        return split_checkpoint_dir(self.run_dir, split_name)
+
+
+def split_checkpoint_dir(run_dir: Path, split_name: str) -> Path:
+    """Where the best checkpoint of one fold/run lives."""
+    return Path(run_dir) / "splits" / split_name / "best"
+
+
+def load_run(run_dir: str | Path, features_dir: Optional[str | Path] = None) -> RunContext:
+    """Rebuild a finished run: its settings, its cache (or `features_dir`, which must match) and its splits."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise DaamkitError(f"{run_dir} is not a training run folder ({RUN_FILE} is missing)")
+    try:
+        run = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DaamkitError(f"{path} is not valid JSON: {err}") from err
+    cache = FeatureCache.open(features_dir if features_dir is not None else run["features"])
+    manifest = cache.manifest
+    for key in ("classes", "hidden_size", "layers", "grouping", "fingerprint", "encoder_config_hash"):
+        if manifest.get(key) != run["cache"].get(key):
+            raise DaamkitError(
+                f"feature cache {cache.directory} does not match run {run_dir}: its {key} differs "
+                f"({manifest.get(key)!r} vs {run['cache'].get(key)!r})"
+            )
+    sources = open_sources(cache)
+    plans = plan_splits(cache, sources, seed=run["seed"], runs=run["runs"], dev_fraction=run["dev_fraction"])
+    return RunContext(run_dir, run, cache, sources, plans)
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Mean and population standard deviation of per-split accuracies."""
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std())}

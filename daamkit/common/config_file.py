@@ -1,0 +1,52 @@
+"""`--config FILE.toml` support: read a TOML table whose keys are CLI option names; CLI flags win."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from daamkit.common.errors import DaamkitError
+
+
+def read_toml(path: str | Path, allowed: set[str]) -> dict[str, Any]:
+    """Read a TOML file of option values; keys may use dashes or underscores. Unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DaamkitError(f"config file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise DaamkitError(f"config file {path} is not valid TOML: {err}") from err
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise DaamkitError(f"config file {path} has unknown option(s): {', '.join(unknown)}")
+    return values
+
+
+def merge_config(cli_values: dict[str, Any], explicit: set[str], config_path: str | Path | None) -> dict[str, Any]:
+    """CLI values, with the TOML file's values filling every option the user did not type on the command line.
+
+    `explicit` names the options given on the command line (e.g. from click's
+    `ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE`).
+    """
+    if config_path is None:
+        return dict(cli_values)
+    merged = dict(cli_values)
+    for key, value in read_toml(config_path, set(cli_values)).items():
+        if key not in explicit:
+            merged[key] = value
+    return merged
+
+
+def explicit_options(ctx: Any) -> set[str]:
+    """Names of the options the user typed on the command line of this click/Typer context."""
+    from click.core import ParameterSource
+
+    return {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}

@@ -1,0 +1,94 @@
+"""Density Adaptive Attention, paper Algorithm 1 (the DAAMv1 / DAAMv2 / GQDAAM gate of the DAT decoders)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from daamkit.common.heads import (
+    apply_per_head,
+    check_heads,
+    finish_gate,
+    head_view,
+    masked_mean,
+    normalize_axis,
+    prepare_mask,
+    stats_dtype,
+)
+
+VARIANCE_EPS = 1e-8  # added to |E[x^2] - mu^2| (Algorithm 1)
+STD_EPS = 1e-5  # added under the square root of the standardisation
+MIN_C = 1e-4  # `c` is clamped to at least this in the forward pass, so the gate's width stays positive
+
+
+class DensityAdaptiveAttention(nn.Module):
+    """Multi-head Gaussian gate of paper Algorithm 1.
+
+    For each head h (a contiguous chunk of `norm_axis`)::
+
+        mu   = mean(x_h, norm_axis);   var = |mean(x_h^2, norm_axis) - mu^2| + 1e-8
+        z    = (x_h - (mu + mean_offset[h])) / sqrt(var + 1e-5)
+        gate = exp(-z^2 / (2 * c[h]))          # c, not c^2: Algorithm 1 and the authors' code
+        out  = x_h * gate
+
+    `mean_offset` (init 0) and `c` (init `init_c`) have shape `(num_heads, num_features)` and vary along
+    `feature_axis` (for DAT input `[B, N_layers, d]`: norm_axis=1, feature_axis=-1, so 8 heads x 1024 =
+    16,384 parameters). `c` is clamped to >= 1e-4 in the forward pass so the gate is always a Gaussian.
+    Statistics are computed in float32 (float64 for float64 input) even under autocast.
+
+    `mask` (bool, broadcastable to x, True = valid) gives exact statistics over valid positions only;
+    padded positions are returned unchanged and get gate 1.
+    """
+
+    def __init__(self, num_heads: int, num_features: int, norm_axis: int = 1, feature_axis: int = -1,
+                 init_c: float = 2.0):
+        super().__init__()
+        if num_heads < 1 or num_features < 1:
+            raise ValueError(f"num_heads and num_features must be >= 1, got {num_heads} and {num_features}")
+        if init_c <= 0:
+            raise ValueError(f"init_c must be positive, got {init_c}")
+        self.num_heads, self.num_features = num_heads, num_features
+        self.norm_axis, self.feature_axis = norm_axis, feature_axis
+        self.mean_offset = nn.Parameter(torch.zeros(num_heads, num_features))
+        self.c = nn.Parameter(torch.full((num_heads, num_features), float(init_c)))
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, num_features={self.num_features}, "
+                f"norm_axis={self.norm_axis}, feature_axis={self.feature_axis}")
+
+    def _axes(self, x: Tensor) -> tuple[int, int]:
+        axis = normalize_axis(self.norm_axis, x.dim(), "norm_axis")
+        feature_axis = normalize_axis(self.feature_axis, x.dim(), "feature_axis")
+        if axis == feature_axis:
+            raise ValueError(f"norm_axis and feature_axis must differ, both are dim {axis}")
+        check_heads(x.shape[axis], self.num_heads, axis)
+        if x.shape[feature_axis] != self.num_features:
+            raise ValueError(
+                f"feature axis (dim {feature_axis}) has size {x.shape[feature_axis]}, "
+                f"but the module was built for num_features={self.num_features}"
+            )
+        return axis, feature_axis
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, return_gate: bool = False):
+        axis, feature_axis = self._axes(x)
+        mask = prepare_mask(mask, x)
+        dtype = stats_dtype(x)
+        grouped_feature_axis = feature_axis + 1 if feature_axis > axis else feature_axis
+        offset_all = self.mean_offset.to(dtype)
+        c_all = self.c.to(dtype).clamp_min(MIN_C)
+
+        def gate_fn(xg: Tensor, mg: Optional[Tensor], heads: slice) -> Tensor:
+            xg = xg.to(dtype)
+            offset = head_view(offset_all[heads], xg.dim(), axis, grouped_feature_axis)
+            c = head_view(c_all[heads], xg.dim(), axis, grouped_feature_axis)
+            mu, _ = masked_mean(xg, mg, axis + 1)
+            mean_sq, _ = masked_mean(xg * xg, mg, axis + 1)
+            var = (mean_sq - mu * mu).abs() + VARIANCE_EPS
+            z = (xg - (mu + offset)) * torch.rsqrt(var + STD_EPS)
+            return torch.exp(-(z * z) / (2.0 * c))
+
+        gate = apply_per_head(x, mask, axis, self.num_heads, gate_fn)
+        out, gate = finish_gate(x, gate, mask)
+        return (out, gate) if return_gate else out

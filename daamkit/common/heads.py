@@ -1,0 +1,98 @@
+"""Multi-head plumbing shared by both DAAM mechanisms.
+
+A "head" owns a contiguous chunk of the norm axis (the remainder goes to the last head, as in the
+authors' library). When the axis divides evenly the chunks become one extra tensor axis
+(`unflatten`), so every head is computed in one batched expression; otherwise each head is computed on
+its own chunk with the same code and the results are concatenated.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+# fn(x_grouped, mask_grouped, head_slice) -> gate shaped like x_grouped.  In x_grouped the head axis sits
+# at the norm axis and the positions of one head at norm axis + 1.
+GroupGateFn = Callable[[Tensor, Optional[Tensor], slice], Tensor]
+
+
+def normalize_axis(axis: int, ndim: int, name: str) -> int:
+    """`axis` as a non-negative index, or ValueError in plain words."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}={axis} is out of range for a {ndim}-dimensional input")
+    return axis % ndim
+
+
+def check_heads(size: int, num_heads: int, axis: int) -> None:
+    """Every head needs at least one position of the norm axis."""
+    if size < num_heads:
+        raise ValueError(
+            f"the norm axis (dim {axis}) has {size} positions, fewer than the {num_heads} heads; "
+            "use fewer heads or another norm axis"
+        )
+
+
+def prepare_mask(mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """The padding mask as a bool tensor of x's full shape (True = valid), or None."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = valid), got {mask.dtype}")
+    try:
+        return mask.expand(x.shape)
+    except RuntimeError as err:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to input {tuple(x.shape)}") from err
+
+
+def apply_per_head(x: Tensor, mask: Optional[Tensor], axis: int, num_heads: int, gate_fn: GroupGateFn) -> Tensor:
+    """Run `gate_fn` on the head-grouped view of `x` and return the gate in x's own layout."""
+    size = x.shape[axis]
+    if size % num_heads == 0:
+        grouped = x.unflatten(axis, (num_heads, size // num_heads))
+        grouped_mask = None if mask is None else mask.unflatten(axis, (num_heads, size // num_heads))
+        return gate_fn(grouped, grouped_mask, slice(0, num_heads)).flatten(axis, axis + 1)
+    base = size // num_heads
+    lengths = [base] * (num_heads - 1) + [size - base * (num_heads - 1)]
+    x_chunks = x.split(lengths, dim=axis)
+    mask_chunks = [None] * num_heads if mask is None else mask.split(lengths, dim=axis)
+    gates = [
+        gate_fn(chunk.unsqueeze(axis), None if m is None else m.unsqueeze(axis), slice(h, h + 1)).squeeze(axis)
+        for h, (chunk, m) in enumerate(zip(x_chunks, mask_chunks))
+    ]
+    return torch.cat(gates, dim=axis)
+
+
+def head_view(param: Tensor, ndim: int, head_axis: int, feature_axis: Optional[int] = None) -> Tensor:
+    """Reshape a `(heads,)` or `(heads, features)` parameter to broadcast against a grouped tensor."""
+    shape = [1] * ndim
+    shape[head_axis] = param.shape[0]
+    if feature_axis is None:
+        return param.reshape(shape)
+    shape[feature_axis] = param.shape[1]
+    if feature_axis < head_axis:
+        param = param.t()
+    return param.reshape(shape)
+
+
+def masked_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> tuple[Tensor, Tensor]:
+    """Mean over `dim` counting only valid positions, and the number of valid positions (both keepdim)."""
+    if mask is None:
+        count = torch.full_like(x.narrow(dim, 0, 1), x.shape[dim])
+        return x.mean(dim, keepdim=True), count
+    weights = mask.to(x.dtype)
+    count = weights.sum(dim, keepdim=True)
+    return (x * weights).sum(dim, keepdim=True) / count.clamp_min(1.0), count
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (also under autocast), the input's own dtype when wider."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def finish_gate(x: Tensor, gate: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Apply `gate` to x in the statistics dtype and let padded positions pass through unchanged (gate 1)."""
+    if mask is not None:
+        gate = torch.where(mask, gate, torch.ones_like(gate))
+    return (x.to(gate.dtype) * gate).to(x.dtype), gate

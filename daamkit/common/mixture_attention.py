@@ -1,0 +1,138 @@
+"""Mixture of Density Adaptive Attention, paper Algorithm 2 / Appendix B (used by the VQ-VAE and the
+`mixture` DAT decoder), and the `DensityBlock` that stacks it with skip connections."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from daamkit.common.heads import (
+    apply_per_head,
+    check_heads,
+    finish_gate,
+    head_view,
+    masked_mean,
+    normalize_axis,
+    prepare_mask,
+    stats_dtype,
+)
+
+VARIANCE_EPS = 1e-8  # added to the unbiased variance, as `torch.var(...) + eps` in the paper
+MIN_C_SQUARED = 1e-8  # c_i^2 is clamped to at least this, so no Gaussian collapses to zero width
+COMBINES = ("product", "sum")
+
+
+class MixtureDensityAdaptiveAttention(nn.Module):
+    """Multi-head mixture of Gaussians over the norm axis (paper Algorithm 2). Returns `x * mix`, no skip.
+
+    Per head h (a contiguous chunk of `norm_axis`), with mu and the unbiased variance var taken over the
+    head's positions and G Gaussians with learnable scalars `mean_offset[h, i]` (init 0) and `c[h, i]`
+    (init `init_c`)::
+
+        g_i = exp(-((x - (mu + m_i)) / sqrt(var + 1e-8))^2 / (2 c_i^2)) / sqrt(2 pi c_i^2)
+        mix = prod_i g_i / sum(prod_i g_i, norm_axis)        # combine="product" (the paper)
+        mix = sum_i w_i g_i / sum(sum_i w_i g_i, norm_axis)  # combine="sum", w = softmax(mixture_logits)
+
+    Computed in the log domain, so it never underflows: with z = (x - mu) / sigma, every term of
+    sum_i log g_i that is constant along the norm axis cancels in the normalisation and the product is
+    exactly `softmax(z * (Q / sigma - P * z / 2))` with P = sum_i 1/c_i^2 and Q = sum_i m_i/c_i^2 per head.
+    The sum form uses logsumexp over the Gaussians. Statistics are float32 even under autocast; c_i^2 is
+    clamped to >= 1e-8.
+
+    `mask` (bool, broadcastable to x, True = valid) gives exact statistics and normalisation over valid
+    positions; padded positions are returned unchanged and get gate 1.
+    """
+
+    def __init__(self, num_heads: int, num_gaussians: int, norm_axis: int = 1, init_c: float = 2.0,
+                 combine: str = "product"):
+        super().__init__()
+        if num_heads < 1 or num_gaussians < 1:
+            raise ValueError(f"num_heads and num_gaussians must be >= 1, got {num_heads} and {num_gaussians}")
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+        if init_c == 0:
+            raise ValueError("init_c must be non-zero")
+        self.num_heads, self.num_gaussians = num_heads, num_gaussians
+        self.norm_axis, self.combine = norm_axis, combine
+        self.mean_offset = nn.Parameter(torch.zeros(num_heads, num_gaussians))
+        self.c = nn.Parameter(torch.full((num_heads, num_gaussians), float(init_c)))
+        if combine == "sum":
+            self.mixture_logits = nn.Parameter(torch.zeros(num_heads, num_gaussians))
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, num_gaussians={self.num_gaussians}, "
+                f"norm_axis={self.norm_axis}, combine={self.combine!r}")
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, return_gate: bool = False):
+        axis = normalize_axis(self.norm_axis, x.dim(), "norm_axis")
+        check_heads(x.shape[axis], self.num_heads, axis)
+        mask = prepare_mask(mask, x)
+        dtype = stats_dtype(x)
+        c_sq = (self.c.to(dtype) ** 2).clamp_min(MIN_C_SQUARED)
+        offsets = self.mean_offset.to(dtype)
+        stat_axis = axis + 1
+        if self.combine == "product":
+            inv_var_sum = (1.0 / c_sq).sum(-1)  # P per head
+            offset_sum = (offsets / c_sq).sum(-1)  # Q per head
+
+        def gate_fn(xg: Tensor, mg: Optional[Tensor], heads: slice) -> Tensor:
+            xg = xg.to(dtype)
+            mu, count = masked_mean(xg, mg, stat_axis)
+            centred = xg - mu
+            sq = centred * centred if mg is None else torch.where(mg, centred * centred, 0.0)
+            var = sq.sum(stat_axis, keepdim=True) / (count - 1.0).clamp_min(1.0) + VARIANCE_EPS
+            inv_sigma = torch.rsqrt(var)
+            z = centred * inv_sigma
+            if self.combine == "product":
+                p = head_view(inv_var_sum[heads], xg.dim(), axis)
+                q = head_view(offset_sum[heads], xg.dim(), axis)
+                logits = z * (q * inv_sigma - 0.5 * p * z)
+            else:
+                logits = self._sum_logits(z, inv_sigma, c_sq[heads], offsets[heads], heads, axis)
+            if mg is not None:
+                logits = logits.masked_fill(~mg, torch.finfo(logits.dtype).min)
+            return torch.softmax(logits, dim=stat_axis)
+
+        gate = apply_per_head(x, mask, axis, self.num_heads, gate_fn)
+        out, gate = finish_gate(x, gate, mask)
+        return (out, gate) if return_gate else out
+
+    def _sum_logits(self, z: Tensor, inv_sigma: Tensor, c_sq: Tensor, offsets: Tensor, heads: slice,
+                    axis: int) -> Tensor:
+        """log(sum_i w_i g_i) for the given heads, all Gaussians in one expression on a trailing axis."""
+        log_w = torch.log_softmax(self.mixture_logits.to(c_sq.dtype)[heads], dim=-1)
+        shape = [1] * z.dim() + [self.num_gaussians]  # (h, G) -> [1.., h, 1.., G]
+        shape[axis] = c_sq.shape[0]
+        c_sq, offsets, log_w = (t.reshape(shape) for t in (c_sq, offsets, log_w))
+        diff = z.unsqueeze(-1) - offsets * inv_sigma.unsqueeze(-1)
+        log_g = -(diff * diff) / (2.0 * c_sq) - 0.5 * torch.log(2.0 * math.pi * c_sq)
+        return torch.logsumexp(log_w + log_g, dim=-1)
+
+
+class DensityBlock(nn.Module):
+    """`num_layers` Mixture-DAAM layers, each inside a skip connection: x = layer(x) + x.
+
+    With a mask, padded positions are left unchanged by every layer (no doubling through the skip).
+    `return_gate=True` also returns the last layer's mixture map.
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, num_gaussians: int, norm_axis: int = 1,
+                 init_c: float = 2.0, combine: str = "product"):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.layers = nn.ModuleList(
+            MixtureDensityAdaptiveAttention(num_heads, num_gaussians, norm_axis, init_c, combine)
+            for _ in range(num_layers)
+        )
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, return_gate: bool = False):
+        full_mask = prepare_mask(mask, x)
+        gate = None
+        for layer in self.layers:
+            attended, gate = layer(x, mask=full_mask, return_gate=True)
+            x = attended + x if full_mask is None else torch.where(full_mask, attended + x, x)
+        return (x, gate) if return_gate else x

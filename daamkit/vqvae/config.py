@@ -1,0 +1,155 @@
+"""Dataclass configs for the VQ-VAE model and its training run; both round-trip through JSON dicts.
+
+`VQVAEConfig` fully describes the network (what a checkpoint needs to rebuild it); `TrainConfig` holds
+the run's options (data, schedule, losses, logging), so a checkpoint folder can resume a run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from daamkit.common.errors import DaamkitError
+
+ATTENTION_CHOICES = ("daam", "none")
+RECON_LOSSES = ("l1", "mse")
+MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
+
+
+def _from_dict(cls, values: dict[str, Any], what: str):
+    """Build dataclass `cls` from `values`, refusing unknown keys with a DaamkitError."""
+    if not isinstance(values, dict):
+        raise DaamkitError(f"{what} must be a JSON object, got {type(values).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise DaamkitError(f"{what} has unknown key(s): {', '.join(unknown)}")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise DaamkitError(f"{what} is invalid: {err}") from err
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise DaamkitError(message)
+
+
+@dataclass
+class VQVAEConfig:
+    """Architecture of the DAAM VQ-VAE (encoder, quantizer, decoder).
+
+    Channels start at `base_channels` (conv_in) and double after every down-sampling block except the
+    first, capped at 4x, so `num_downsamples=2, base_channels=64` gives 64 -> 64 -> 128 channels and a
+    latent grid of image_size / 4.
+    """
+
+    in_channels: int = 3
+    base_channels: int = 64
+    num_downsamples: int = 2
+    embedding_dim: int = 64
+    num_embeddings: int = 512
+    attention: str = "daam"
+    heads: int = 8
+    gaussians: int = 4
+    init_c: float = 2.0
+    beta: float = 0.25
+    ema: bool = True
+    ema_decay: float = 0.99
+    l2_normalize: bool = False
+    dead_code_threshold: float = 1.0
+    search_chunk_elements: int = 1 << 24
+
+    def __post_init__(self) -> None:
+        _require(self.attention in ATTENTION_CHOICES, f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        for name in ("in_channels", "base_channels", "num_downsamples", "embedding_dim", "num_embeddings",
+                     "heads", "gaussians", "search_chunk_elements"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                     f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+        _require(self.num_embeddings >= 2, "num-embeddings must be at least 2")
+        _require(self.init_c > 0, f"init-c must be positive, got {self.init_c}")
+        _require(0.0 <= self.beta, f"beta must be >= 0, got {self.beta}")
+        _require(0.0 < self.ema_decay < 1.0, f"ema-decay must be in (0, 1), got {self.ema_decay}")
+        if self.attention == "daam":
+            smallest = min(self.channels)
+            _require(self.heads <= smallest,
+                     f"--heads {self.heads} exceeds the smallest channel count {smallest}; lower --heads or raise --base-channels")
+
+    @property
+    def channels(self) -> list[int]:
+        """Channel count after conv_in and after each down-sampling block (length num_downsamples + 1)."""
+        return [self.base_channels] + [self.base_channels * min(2 ** i, 4) for i in range(self.num_downsamples)]
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** self.num_downsamples
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "VQVAEConfig":
+        return _from_dict(cls, values, "VQ-VAE model config")
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run. `data` is "samples", an image folder, or a COCO 2017 root."""
+
+    data: str = "samples"
+    image_size: int = 64
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    recon_loss: str = "l1"
+    perceptual_weight: float = 0.0
+    lpips_net: str = "alex"
+    mixed_precision: str = "no"
+    compile: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    eval_every: int = 250
+    val_images: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "steps", "batch_size", "log_every", "eval_every", "val_images"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                     f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _require(self.warmup_steps >= 0 and self.num_workers >= 0, "warmup-steps and num-workers must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, f"grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _require(self.recon_loss in RECON_LOSSES, f"recon-loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
+        _require(self.perceptual_weight >= 0, f"perceptual-weight must be >= 0, got {self.perceptual_weight}")
+        _require(self.mixed_precision in MIXED_PRECISION_CHOICES,
+                 f"mixed-precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, values, "training config")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def checkpoint_config(model: VQVAEConfig, train: TrainConfig | None) -> dict[str, Any]:
+    """The `config.json` payload of a VQ-VAE checkpoint."""
+    return {"kind": "daamkit-vqvae", "model": model.to_dict(), "train": train.to_dict() if train else None}
+
+
+def parse_checkpoint_config(raw: dict[str, Any], source: str) -> tuple[VQVAEConfig, TrainConfig | None]:
+    """Inverse of `checkpoint_config`; DaamkitError when `source` is not a VQ-VAE checkpoint."""
+    if raw.get("kind") != "daamkit-vqvae" or "model" not in raw:
+        raise DaamkitError(f"{source} is not a daamkit VQ-VAE checkpoint (config.json has no VQ-VAE model section)")
+    model = VQVAEConfig.from_dict(raw["model"])
+    train = TrainConfig.from_dict(raw["train"]) if raw.get("train") else None
+    return model, train

@@ -1,0 +1,295 @@
+"""Image data for the VQ-VAE: built-in scikit-image photos, any image folder, or the COCO 2017 layout.
+
+Training batches are a pure function of (seed, step, rank): `StepBatchSampler` picks items from a
+per-epoch permutation and every random crop/flip is seeded by the sample's global position, so a resumed
+run sees exactly the batches an uninterrupted run would, whatever the number of loader workers.
+Images are float tensors in [-1, 1]. Unreadable files are skipped, counted and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+from daamkit.common.errors import DaamkitError
+from daamkit.common.progress import log, progress_bar
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Colour photographs bundled inside scikit-image (no download); loaders that fail are skipped.
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+                 "retina", "stereo_motorcycle")
+HELD_OUT_FRACTION = 0.25   # bottom quarter of every sample photo is reserved for validation crops
+FOLDER_HOLDOUT_EVERY = 20  # every 20th file of a plain folder is held out for validation
+LOAD_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HWC RGB -> float CHW in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float [B, C, H, W] (or [C, H, W]) in [-1, 1] -> uint8 [..., H, W, C]."""
+    images = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+    return images.movedim(-3, -1).numpy()
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file to uint8 HWC RGB (raises one of the PIL/OS errors when unreadable)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[top:top + size, left:left + size]
+
+
+def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    h, w = image.shape[:2]
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    crop = image[top:top + size, left:left + size]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; DaamkitError when the folder is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DaamkitError(f"data folder {folder} does not exist (use --data samples for the built-in photos)")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+@dataclass
+class ScanResult:
+    files: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def scan_images(files: Sequence[Path], min_size: int, what: str) -> ScanResult:
+    """Open every file's header; unreadable ones and ones smaller than `min_size` are skipped and reported."""
+    result = ScanResult(files=[])
+    with progress_bar(f"scanning {what}", total=len(files)) as task:
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except LOAD_ERRORS as err:
+                result.skipped.append((path, f"unreadable ({type(err).__name__})"))
+            else:
+                if min(width, height) < min_size:
+                    result.skipped.append((path, f"{width}x{height} is smaller than the {min_size} px crop"))
+                else:
+                    result.files.append(path)
+            task.advance()
+    if result.skipped:
+        first_path, first_reason = result.skipped[0]
+        log(f"skipped {len(result.skipped)} of {len(files)} {what} file(s), e.g. {first_path}: {first_reason}")
+    return result
+
+
+class CropDataset(Dataset):
+    """Fixed-size crops of `count` images produced by `load(i) -> uint8 HWC`.
+
+    Keys are `(index, sample_id)` pairs from `StepBatchSampler` (random crop + flip seeded by
+    (seed, sample_id)) or plain indices (deterministic center crop, for validation/evaluation).
+    A file that fails to decode is replaced by the next one (training) or returned as None (evaluation).
+    """
+
+    def __init__(self, load: Callable[[int], np.ndarray], count: int, size: int, seed: int = 0,
+                 names: Sequence[str] | None = None):
+        self.load, self.count, self.size, self.seed = load, count, size, seed
+        self.names = list(names) if names is not None else [str(i) for i in range(count)]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            index, sample_id = key
+            for attempt in range(self.count):
+                current = (index + attempt) % self.count
+                try:
+                    image = self.load(current)
+                except LOAD_ERRORS as err:
+                    log(f"warning: skipping unreadable image {self.names[current]} ({type(err).__name__})")
+                    continue
+                rng = np.random.default_rng((self.seed, sample_id))
+                return to_tensor(random_crop_flip(image, self.size, rng))
+            raise DaamkitError("no training image could be decoded")
+        try:
+            image = self.load(key)
+        except LOAD_ERRORS:
+            return None
+        return to_tensor(center_crop(image, self.size))
+
+
+def collate_valid(batch: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:
+    """Stack the decodable items of an evaluation batch; also return how many failed to decode."""
+    good = [item for item in batch if item is not None]
+    return (torch.stack(good) if good else None), len(batch) - len(good)
+
+
+class StepBatchSampler(Sampler):
+    """Endless batches of `(index, sample_id)` keys for one process, starting at `start_step`.
+
+    Global sample position p = (step * world_size + rank) * batch_size + j; the item is the
+    (p mod N)-th entry of a permutation seeded by (seed, p // N). Stateless, hence exactly resumable.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_items, generator=generator), epoch
+        return self._perm
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while True:
+            first = (step * self.world_size + self.rank) * self.batch_size
+            keys = []
+            for position in range(first, first + self.batch_size):
+                epoch, offset = divmod(position, self.num_items)
+                keys.append((int(self._permutation(epoch)[offset]), position))
+            yield keys
+            step += 1
+
+
+@dataclass
+class DataSplits:
+    """Training crops (random) and validation/evaluation crops (deterministic) of one data source."""
+
+    train: CropDataset
+    val: CropDataset
+    description: str
+
+
+def _resize_shorter(image: np.ndarray, shorter: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = shorter / min(h, w)
+    size = (max(shorter, round(w * scale)), max(shorter, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+
+
+def sample_photos(image_size: int) -> list[tuple[str, np.ndarray]]:
+    """The bundled scikit-image colour photos, resized so the shorter side is max(256, 4 * image_size)."""
+    import skimage.data
+
+    shorter = max(256, 4 * image_size)
+    photos = []
+    for name in SAMPLE_PHOTOS:
+        try:
+            image = getattr(skimage.data, name)()
+        except Exception:  # noqa: BLE001 - a photo missing from this scikit-image build is just left out
+            continue
+        image = image[0] if isinstance(image, tuple) else image
+        if image.ndim == 3 and image.shape[2] >= 3:
+            photos.append((name, _resize_shorter(np.ascontiguousarray(image[..., :3]), shorter)))
+    if not photos:
+        raise DaamkitError("scikit-image ships none of the sample photos; pass --data PATH to an image folder")
+    return photos
+
+
+def _sample_splits(image_size: int, seed: int) -> DataSplits:
+    """Train on the top 75% of each photo; validate on non-overlapping crops of the held-out bottom strip."""
+    photos = sample_photos(image_size)
+    train_parts, val_crops, val_names = [], [], []
+    for name, image in photos:
+        cut = int(round(image.shape[0] * (1 - HELD_OUT_FRACTION)))
+        train_parts.append(image[:cut])
+        strip = image[image.shape[0] - image_size:]
+        for left in range(0, strip.shape[1] - image_size + 1, image_size):
+            val_crops.append(strip[:, left:left + image_size])
+            val_names.append(f"{name}@{left}")
+    train = CropDataset(_ArrayLoader(train_parts), len(train_parts), image_size, seed, [n for n, _ in photos])
+    val = CropDataset(_ArrayLoader(val_crops), len(val_crops), image_size, names=val_names)
+    return DataSplits(train, val, f"{len(photos)} scikit-image sample photos ({len(val_crops)} held-out crops)")
+
+
+class _ArrayLoader:
+    """Picklable `load(i)` over in-memory arrays (DataLoader workers may be spawned)."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+
+    def __call__(self, index: int) -> np.ndarray:
+        return self.arrays[index]
+
+
+class _FileLoader:
+    """Picklable `load(i)` that decodes the i-th file."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __call__(self, index: int) -> np.ndarray:
+        return read_rgb(self.files[index])
+
+
+def _file_dataset(files: list[Path], image_size: int, seed: int) -> CropDataset:
+    return CropDataset(_FileLoader(files), len(files), image_size, seed, [str(f) for f in files])
+
+
+def _scan_nonempty(folder: Path, image_size: int, what: str) -> list[Path]:
+    files = scan_images(list_images(folder), image_size, what).files
+    if not files:
+        raise DaamkitError(f"{folder} holds no readable image of at least {image_size}x{image_size} "
+                           f"(looked for {', '.join(IMAGE_EXTENSIONS)} recursively)")
+    return files
+
+
+def is_coco_root(path: Path) -> bool:
+    return (path / "train2017").is_dir() or (path / "val2017").is_dir()
+
+
+def training_splits(data: str, image_size: int, seed: int) -> DataSplits:
+    """Train and validation crops for `train`: samples, a COCO 2017 root, or an image folder."""
+    if data == "samples":
+        return _sample_splits(image_size, seed)
+    root = Path(data).expanduser()
+    if is_coco_root(root):
+        if not (root / "train2017").is_dir():
+            raise DaamkitError(f"COCO root {root} has no train2017/ folder to train on")
+        train_files = _scan_nonempty(root / "train2017", image_size, "train2017")
+        if (root / "val2017").is_dir():
+            val_files = _scan_nonempty(root / "val2017", image_size, "val2017")
+        else:
+            train_files, val_files = _holdout(train_files)
+        return DataSplits(_file_dataset(train_files, image_size, seed), _file_dataset(val_files, image_size, seed),
+                          f"COCO 2017 at {root} ({len(train_files)} train / {len(val_files)} val images)")
+    files = _scan_nonempty(root, image_size, "image")
+    train_files, val_files = _holdout(files)
+    return DataSplits(_file_dataset(train_files, image_size, seed), _file_dataset(val_files, image_size, seed),
+                      f"{root} ({len(train_files)} train / {len(val_files)} held-out images)")
+
+
+def _holdout(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Every FOLDER_HOLDOUT_EVERY-th file (at least one) for validation; a single file serves both."""
+    if len(files) < 2:
+        return files, files
+    val = files[FOLDER_HOLDOUT_EVERY - 1::FOLDER_HOLDOUT_EVERY] or files[-1:]
+    held = set(val)
+    return [f for f in files if f not in held], val
+
+
+def evaluation_set(data: str, image_size: int) -> CropDataset:
+    """Center crops to evaluate on: the samples' held-out crops, COCO val2017, or every image of a folder."""
+    if data == "samples":
+        return _sample_splits(image_size, seed=0).val
+    root = Path(data).expanduser()
+    if is_coco_root(root) and (root / "val2017").is_dir():
+        root = root / "val2017"
+    return _file_dataset(_scan_nonempty(root, image_size, "evaluation"), image_size, seed=0)

@@ -1,0 +1,130 @@
+"""Evaluation passes (PSNR, SSIM, LPIPS, codebook usage, perplexity) and side-by-side reconstructions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from daamkit.common.errors import DaamkitError
+from daamkit.common.progress import log, progress_bar
+from daamkit.vqvae.data import CropDataset, collate_valid, evaluation_set, to_uint8
+from daamkit.vqvae.io import collect_inputs, default_device, load_input, load_model, resolve_image_size, save_png
+from daamkit.vqvae.losses import load_lpips, lpips_available, missing_lpips_message
+from daamkit.vqvae.metrics import CodeHistogram, psnr_per_image, ssim_per_image
+from daamkit.vqvae.model import VQVAE
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float | int | None]
+    originals: torch.Tensor | None        # the first batch, for picture grids
+    reconstructions: torch.Tensor | None
+
+
+@torch.no_grad()
+def evaluate_model(model: VQVAE, dataset: CropDataset, device: torch.device, batch_size: int = 32,
+                   lpips_model: torch.nn.Module | None = None, max_images: int | None = None,
+                   show_progress: bool = True) -> EvalResult:
+    """Mean per-image PSNR/SSIM (and LPIPS when a model is given) plus code usage over `dataset`."""
+    if max_images is not None and max_images < len(dataset):
+        dataset = Subset(dataset, range(max_images))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_valid)
+    was_training = model.training
+    model.eval()
+    histogram = CodeHistogram(model.config.num_embeddings)
+    psnr_sum = ssim_sum = lpips_sum = 0.0
+    count = failed = 0
+    first: tuple[torch.Tensor, torch.Tensor] | None = None
+    total = len(loader) if show_progress else None
+    with progress_bar("evaluating", total=total) as task:
+        for images, num_failed in loader:
+            failed += num_failed
+            if images is not None:
+                images = images.to(device)
+                out = model(images)
+                recon = out.reconstruction.float().clamp(-1, 1)
+                histogram.update(out.quant.indices)
+                psnr_sum += float(psnr_per_image(recon, images).sum())
+                ssim_sum += float(ssim_per_image(recon, images).sum())
+                if lpips_model is not None:
+                    lpips_sum += float(lpips_model(recon, images).sum())
+                count += images.shape[0]
+                if first is None:
+                    first = (images.cpu(), recon.cpu())
+            if show_progress:
+                task.advance()
+    model.train(was_training)
+    if failed:
+        log(f"skipped {failed} image(s) that could not be decoded")
+    if count == 0:
+        raise DaamkitError("no image could be evaluated")
+    usage, perplexity = histogram.usage_and_perplexity()
+    metrics = {
+        "psnr": psnr_sum / count,
+        "ssim": ssim_sum / count,
+        "lpips": lpips_sum / count if lpips_model is not None else None,
+        "codebook_usage": usage,
+        "perplexity": perplexity,
+        "num_images": count,
+    }
+    return EvalResult(metrics, *(first if first else (None, None)))
+
+
+def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int | None = None,
+                        batch_size: int = 32, lpips_net: str = "alex") -> dict[str, float | int | None]:
+    """Metrics of a checkpoint on `data` (samples held-out crops, COCO val2017, or a folder's images).
+
+    LPIPS is null (None) when its trunk weights are not in the local torch cache.
+    """
+    if batch_size < 1:
+        raise DaamkitError(f"--batch-size must be a positive integer, got {batch_size}")
+    device = default_device()
+    model, train_config = load_model(checkpoint_dir, device)
+    size = resolve_image_size(model.config, train_config, image_size)
+    dataset = evaluation_set(data, size)
+    lpips_model = None
+    if lpips_available(lpips_net):
+        lpips_model = load_lpips(lpips_net).to(device)
+    else:
+        log(f"lpips reported as null: {missing_lpips_message(lpips_net)}")
+    return evaluate_model(model, dataset, device, batch_size, lpips_model).metrics
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 4) -> np.ndarray:
+    """Two HWC uint8 images of equal height joined with a white gap."""
+    spacer = np.full((left.shape[0], gap, 3), 255, dtype=np.uint8)
+    return np.concatenate([left, spacer, right], axis=1)
+
+
+def image_grid(rows: Sequence[torch.Tensor], gap: int = 2) -> np.ndarray:
+    """Rows of [N, 3, H, W] images in [-1, 1] stacked as one uint8 picture (white gaps)."""
+    from torchvision.utils import make_grid
+
+    stacked = torch.cat([r.float().clamp(-1, 1) for r in rows])
+    grid = make_grid(stacked, nrow=rows[0].shape[0], padding=gap, pad_value=1.0)
+    return to_uint8(grid)
+
+
+@torch.no_grad()
+def reconstruct_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
+                      image_size: int | None = None, full: bool = False) -> list[Path]:
+    """Write `original | reconstruction` PNGs for image files/folders into `out_dir`; returns their paths."""
+    files = collect_inputs(inputs)
+    device = default_device()
+    model, train_config = load_model(checkpoint_dir, device)
+    size = resolve_image_size(model.config, train_config, image_size)
+    out_dir = Path(out_dir)
+    written = []
+    with progress_bar("reconstructing", total=len(files)) as task:
+        for index, path in enumerate(files):
+            image = load_input(path, size, full, model.config.downsample_factor).unsqueeze(0).to(device)
+            recon = model(image).reconstruction
+            pair = side_by_side(to_uint8(image)[0], to_uint8(recon)[0])
+            written.append(save_png(out_dir / f"{index:04d}_{path.stem}.png", pair))
+            task.advance()
+    return written

@@ -1,0 +1,143 @@
+"""The DAAM-enhanced VQ-VAE: encoder of DownSampleBlocks, vector quantizer, mirrored decoder of UpSampleBlocks.
+
+Each block ends in a residual block whose branch is re-weighted by Mixture-DAAM over the channel axis
+(`norm_axis=1`): `x + (h + MixtureDAAM(h))` with `h = conv(relu(gn(conv(x))))`. `attention="none"` drops
+only the Mixture-DAAM term, giving the identical network for the ablation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from daamkit.common import MixtureDensityAdaptiveAttention
+from daamkit.vqvae.config import VQVAEConfig
+from daamkit.vqvae.quantizer import QuantizerOutput, VectorQuantizer
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= 32 that divides `channels`."""
+    groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class DAAMResidualBlock(nn.Module):
+    """`x + (h + MixtureDAAM(h))`, h = conv3x3(relu(gn(conv3x3(x)))); without DAAM: `x + h`."""
+
+    def __init__(self, channels: int, config: VQVAEConfig):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = _group_norm(channels)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.attention = (
+            MixtureDensityAdaptiveAttention(config.heads, config.gaussians, norm_axis=1, init_c=config.init_c)
+            if config.attention == "daam" else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.act(self.norm(self.conv1(x))))
+        if self.attention is not None:
+            h = h + self.attention(h)
+        return x + h
+
+
+class DownSampleBlock(nn.Module):
+    """Conv stride 2 -> GroupNorm -> ReLU -> DAAM residual block (halves H and W)."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: VQVAEConfig):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1)
+        self.norm = _group_norm(out_channels)
+        self.act = nn.ReLU()
+        self.residual = DAAMResidualBlock(out_channels, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(self.act(self.norm(self.conv(x))))
+
+
+class UpSampleBlock(nn.Module):
+    """ConvTranspose stride 2 -> GroupNorm -> ReLU -> DAAM residual block (doubles H and W)."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: VQVAEConfig):
+        super().__init__()
+        self.conv = nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1)
+        self.norm = _group_norm(out_channels)
+        self.act = nn.ReLU()
+        self.residual = DAAMResidualBlock(out_channels, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(self.act(self.norm(self.conv(x))))
+
+
+class Encoder(nn.Module):
+    """conv_in -> DownSampleBlocks -> 1x1 conv to `embedding_dim`."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        ch = config.channels
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.blocks = nn.Sequential(*(DownSampleBlock(ch[i], ch[i + 1], config) for i in range(config.num_downsamples)))
+        self.conv_out = nn.Conv2d(ch[-1], config.embedding_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.blocks(self.conv_in(x)))
+
+
+class Decoder(nn.Module):
+    """1x1 conv from `embedding_dim` -> UpSampleBlocks (mirroring the encoder) -> conv_out."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        ch = config.channels
+        self.conv_in = nn.Conv2d(config.embedding_dim, ch[-1], 1)
+        self.blocks = nn.Sequential(*(UpSampleBlock(ch[i + 1], ch[i], config) for i in reversed(range(config.num_downsamples))))
+        self.conv_out = nn.Conv2d(ch[0], config.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.blocks(self.conv_in(z)))
+
+
+@dataclass
+class VQVAEOutput:
+    reconstruction: torch.Tensor     # [B, C, H, W], images live in [-1, 1]
+    quant: QuantizerOutput
+
+
+class VQVAE(nn.Module):
+    """Image tokenizer: images in [-1, 1], H and W divisible by 2**num_downsamples."""
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = VectorQuantizer(
+            config.num_embeddings, config.embedding_dim, beta=config.beta, ema=config.ema, decay=config.ema_decay,
+            l2_normalize=config.l2_normalize, dead_code_threshold=config.dead_code_threshold,
+            chunk_elements=config.search_chunk_elements,
+        )
+        self.decoder = Decoder(config)
+
+    def forward(self, images: torch.Tensor) -> VQVAEOutput:
+        quant = self.quantizer(self.encoder(images))
+        return VQVAEOutput(self.decoder(quant.quantized), quant)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Token-id grids [B, H/f, W/f] for images [B, C, H, W] in [-1, 1]."""
+        return self.quantizer(self.encoder(images)).indices
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from token-id grids [B, h, w]."""
+        return self.decoder(self.quantizer.lookup(indices))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def daam_parameters(self) -> dict[str, torch.Tensor]:
+        """Named Mixture-DAAM parameters (for TensorBoard histograms); empty for attention="none"."""
+        return {name: p for name, p in self.named_parameters() if ".attention." in name}
+

@@ -1,0 +1,97 @@
+"""Images <-> token-id grids stored as `.npz` (`tokens` [N, h, w] int32 when all grids match, plus `files`).
+
+Full-size images of different shapes are stored one array per image (`tokens_0`, `tokens_1`, ...).
+`num_embeddings` is saved too so `decode` can refuse tokens from a different codebook.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from daamkit.common.checkpoint import atomic_write_bytes
+from daamkit.common.errors import DaamkitError
+from daamkit.common.progress import progress_bar
+from daamkit.vqvae.data import to_uint8
+from daamkit.vqvae.io import collect_inputs, default_device, load_input, load_model, resolve_image_size, save_png
+
+
+@torch.no_grad()
+def encode_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_file: str | Path,
+                 image_size: int | None = None, full: bool = False) -> dict[str, int]:
+    """Tokenise images into `out_file` (.npz). Returns a summary (images, grid height/width)."""
+    out_file = Path(out_file)
+    if out_file.suffix != ".npz":
+        raise DaamkitError(f"--out {out_file} must end in .npz")
+    files = collect_inputs(inputs)
+    device = default_device()
+    model, train_config = load_model(checkpoint_dir, device)
+    size = resolve_image_size(model.config, train_config, image_size)
+    grids = []
+    with progress_bar("encoding", total=len(files)) as task:
+        for path in files:
+            image = load_input(path, size, full, model.config.downsample_factor).unsqueeze(0).to(device)
+            grids.append(model.encode(image)[0].cpu().numpy().astype(np.int32))
+            task.advance()
+    arrays: dict[str, np.ndarray] = {
+        "files": np.array([str(f) for f in files]),
+        "num_embeddings": np.array(model.config.num_embeddings),
+    }
+    if len({g.shape for g in grids}) == 1:
+        arrays["tokens"] = np.stack(grids)
+    else:
+        arrays.update({f"tokens_{i}": g for i, g in enumerate(grids)})
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(out_file, buffer.getvalue())
+    return {"images": len(grids), "height": int(grids[0].shape[0]), "width": int(grids[0].shape[1])}
+
+
+def read_tokens(token_file: str | Path) -> tuple[list[np.ndarray], list[str], int | None]:
+    """Token grids, their source names and the codebook size recorded in an `encode` .npz file."""
+    token_file = Path(token_file)
+    if not token_file.is_file():
+        raise DaamkitError(f"token file {token_file} does not exist")
+    try:
+        with np.load(token_file, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DaamkitError(f"{token_file} is not a readable .npz token file ({err})") from err
+    if "tokens" in arrays:
+        grids = list(arrays["tokens"])
+    else:
+        keys = sorted((k for k in arrays if k.startswith("tokens_")), key=lambda k: int(k.split("_")[1]))
+        grids = [arrays[k] for k in keys]
+    if not grids or any(g.ndim != 2 or not np.issubdtype(g.dtype, np.integer) for g in grids):
+        raise DaamkitError(f"{token_file} holds no 2-D integer token grids (write it with `daamkit vqvae encode`)")
+    names = [str(n) for n in arrays["files"]] if "files" in arrays else [f"image{i}" for i in range(len(grids))]
+    num_embeddings = int(arrays["num_embeddings"]) if "num_embeddings" in arrays else None
+    return grids, names, num_embeddings
+
+
+@torch.no_grad()
+def decode_file(checkpoint_dir: str | Path, token_file: str | Path, out_dir: str | Path) -> list[Path]:
+    """Decode every token grid of `token_file` to a PNG in `out_dir`; returns the written paths."""
+    grids, names, num_embeddings = read_tokens(token_file)
+    device = default_device()
+    model, _ = load_model(checkpoint_dir, device)
+    codebook_size = model.config.num_embeddings
+    if num_embeddings is not None and num_embeddings != codebook_size:
+        raise DaamkitError(f"{token_file} was encoded with {num_embeddings} codes but {checkpoint_dir} has {codebook_size}")
+    largest = max(int(g.max()) for g in grids)
+    if min(int(g.min()) for g in grids) < 0 or largest >= codebook_size:
+        raise DaamkitError(f"{token_file} has token ids outside [0, {codebook_size}) for {checkpoint_dir}")
+    out_dir = Path(out_dir)
+    written = []
+    with progress_bar("decoding", total=len(grids)) as task:
+        for index, (grid, name) in enumerate(zip(grids, names)):
+            indices = torch.from_numpy(grid.astype(np.int64)).unsqueeze(0).to(device)
+            image = to_uint8(model.decode(indices))[0]
+            written.append(save_png(out_dir / f"{index:04d}_{Path(name).stem}.png", image))
+            task.advance()
+    return written

@@ -1,0 +1,118 @@
+"""CLI skeleton, one-line user errors, atomic checkpoints and TOML config merging."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from daamkit.cli.app import new_app
+from daamkit.cli.main import app
+from daamkit.common import checkpoint
+from daamkit.common.config_file import merge_config
+from daamkit.common.errors import DaamkitError
+from daamkit.common.local_weights import resolve_hf_model
+
+runner = CliRunner()
+
+
+def test_help_lists_sub_apps():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("info", "vqvae", "classify"):
+        assert name in result.output
+
+
+def test_info_reports_versions_and_offline_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["torch"] == torch.__version__
+    assert report["device"] == "cpu" or report["device"].startswith(("cuda", "mps"))
+    assert report["lpips_trunk_weights"]["alex"]["present"] is False
+    assert report["lpips_trunk_weights"]["alex"]["path"].startswith(str(tmp_path / "torch"))
+    assert report["huggingface_models"] == ["org/tiny"]
+    assert resolve_hf_model("org/tiny") == snapshot
+    text = runner.invoke(app, ["info"]).output
+    assert "lpips alex    missing" in text and "org/tiny" in text
+
+
+def test_user_errors_are_one_line_and_nonzero():
+    demo = new_app("demo")
+
+    @demo.command()
+    def fail() -> None:
+        raise DaamkitError("checkpoint runs/x has no config.json")
+
+    @demo.command()
+    def other() -> None:
+        """A second command so Typer keeps sub-command names."""
+
+    result = runner.invoke(demo, ["fail"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: checkpoint runs/x has no config.json"
+    assert "Traceback" not in result.output
+
+
+def test_unknown_command_fails():
+    assert runner.invoke(app, ["nonsense"]).exit_code != 0
+
+
+def test_missing_hf_model_names_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(DaamkitError, match="neither a local folder nor in the Hugging Face cache"):
+        resolve_hf_model("microsoft/wavlm-large")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    state = {"step": 7, "rng": torch.get_rng_state()}
+    checkpoint.save_checkpoint(tmp_path / "last", model.state_dict(), {"width": 3}, state)
+    assert checkpoint.load_config(tmp_path / "last") == {"width": 3}
+    restored = torch.nn.Linear(3, 2)
+    checkpoint.load_state_dict_strict(restored, checkpoint.load_weights(tmp_path / "last"), "last")
+    assert torch.equal(restored.weight, model.weight)
+    assert checkpoint.load_training_state(tmp_path / "last")["step"] == 7
+    with pytest.raises(DaamkitError, match="does not fit"):
+        checkpoint.load_state_dict_strict(torch.nn.Linear(4, 2), checkpoint.load_weights(tmp_path / "last"), "last")
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    checkpoint.save_checkpoint(tmp_path / "last", model.state_dict(), {"version": 1})
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(tmp_path / "last", model.state_dict(), {"version": 2})
+    assert checkpoint.load_config(tmp_path / "last") == {"version": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_missing_checkpoint_files_are_user_errors(tmp_path):
+    with pytest.raises(DaamkitError, match="config.json is missing"):
+        checkpoint.load_config(tmp_path)
+    with pytest.raises(DaamkitError, match="model.safetensors is missing"):
+        checkpoint.load_weights(tmp_path)
+
+
+def test_toml_config_fills_options_not_given_on_the_command_line(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('steps = 500\nbatch-size = 16\nlr = 0.001\n')
+    merged = merge_config({"steps": 100, "batch_size": 8, "lr": 3e-4}, {"lr"}, config)
+    assert merged == {"steps": 500, "batch_size": 16, "lr": 3e-4}
+    config.write_text("stepz = 5\n")
+    with pytest.raises(DaamkitError, match="unknown option"):
+        merge_config({"steps": 1}, set(), config)
+    config.write_text("steps = [\n")
+    with pytest.raises(DaamkitError, match="not valid TOML"):
+        merge_config({"steps": 1}, set(), config)
+    with pytest.raises(DaamkitError, match="does not exist"):
+        merge_config({"steps": 1}, set(), tmp_path / "missing.toml")
