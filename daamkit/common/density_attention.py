@@ -82,12 +82,12 @@ class DensityAdaptiveAttention(nn.Module):
         def gate_fn(xg: Tensor, mg: Optional[Tensor], heads: slice) -> Tensor:
             xg = xg.to(dtype)
             offset = head_view(offset_all[heads], xg.dim(), axis, grouped_feature_axis)
-            c = head_view(c_all[heads], xg.dim(), axis, grouped_feature_axis)
+            neg_half_inv_c = head_view(-0.5 / c_all[heads], xg.dim(), axis, grouped_feature_axis)
             mu, _ = masked_mean(xg, mg, axis + 1)
             mean_sq, _ = masked_mean(xg * xg, mg, axis + 1)
-            var = (mean_sq - mu * mu).abs() + VARIANCE_EPS
-            z = (xg - (mu + offset)) * torch.rsqrt(var + STD_EPS)
-            return torch.exp(-(z * z) / (2.0 * c))
+            var = (mean_sq - mu * mu).abs()
+            z = (xg - (mu + offset)) * torch.rsqrt(var + (VARIANCE_EPS + STD_EPS))
+            return torch.exp(z * z * neg_half_inv_c)
 
         gate = apply_per_head(x, mask, axis, self.num_heads, gate_fn)
         out, gate = finish_gate(x, gate, mask)

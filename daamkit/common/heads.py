@@ -76,11 +76,11 @@ def head_view(param: Tensor, ndim: int, head_axis: int, feature_axis: Optional[i
     return param.reshape(shape)
 
 
-def masked_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> tuple[Tensor, Tensor]:
-    """Mean over `dim` counting only valid positions, and the number of valid positions (both keepdim)."""
+def masked_mean(x: Tensor, mask: Optional[Tensor], dim: int) -> tuple[Tensor, Tensor | float]:
+    """Mean over `dim` counting only valid positions, and the number of valid positions (keepdim tensor,
+    or a plain float without a mask)."""
     if mask is None:
-        count = torch.full_like(x.narrow(dim, 0, 1), x.shape[dim])
-        return x.mean(dim, keepdim=True), count
+        return x.mean(dim, keepdim=True), float(x.shape[dim])
     weights = mask.to(x.dtype)
     count = weights.sum(dim, keepdim=True)
     return (x * weights).sum(dim, keepdim=True) / count.clamp_min(1.0), count

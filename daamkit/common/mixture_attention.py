@@ -83,13 +83,14 @@ class MixtureDensityAdaptiveAttention(nn.Module):
             mu, count = masked_mean(xg, mg, stat_axis)
             centred = xg - mu
             sq = centred * centred if mg is None else torch.where(mg, centred * centred, 0.0)
-            var = sq.sum(stat_axis, keepdim=True) / (count - 1.0).clamp_min(1.0) + VARIANCE_EPS
-            inv_sigma = torch.rsqrt(var)
+            bessel = max(count - 1.0, 1.0) if mg is None else (count - 1.0).clamp_min(1.0)
+            var = sq.sum(stat_axis, keepdim=True) / bessel  # unbiased, like torch.var
+            inv_sigma = torch.rsqrt(var + VARIANCE_EPS)
             z = centred * inv_sigma
             if self.combine == "product":
-                p = head_view(inv_var_sum[heads], xg.dim(), axis)
+                half_p = head_view(0.5 * inv_var_sum[heads], xg.dim(), axis)
                 q = head_view(offset_sum[heads], xg.dim(), axis)
-                logits = z * (q * inv_sigma - 0.5 * p * z)
+                logits = z * torch.addcmul(q * inv_sigma, half_p, z, value=-1.0)
             else:
                 logits = self._sum_logits(z, inv_sigma, c_sq[heads], offsets[heads], heads, axis)
             if mg is not None:
