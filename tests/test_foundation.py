@@ -116,3 +116,9 @@ def test_toml_config_fills_options_not_given_on_the_command_line(tmp_path):
         merge_config({"steps": 1}, set(), config)
     with pytest.raises(DaamkitError, match="does not exist"):
         merge_config({"steps": 1}, set(), tmp_path / "missing.toml")
+
+
+def test_atomic_json_is_readable_by_others(tmp_path):
+    checkpoint.atomic_write_json(tmp_path / "manifest.json", {"a": 1})
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~checkpoint._UMASK
+    assert json.loads((tmp_path / "manifest.json").read_text()) == {"a": 1}
