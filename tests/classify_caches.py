@@ -9,10 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from daamkit.classify.feature_cache import FeatureCacheWriter
 
 CLASSES = ["neu", "hap", "ang", "sad"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny decoders run faster on one thread than on two contended ones (tests share a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _fields(task: str, num_layers: int, hidden: int, classes: list[str], grouping) -> dict:

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from daamkit.common.errors import DaamkitError
 from daamkit.common.local_weights import resolve_hf_model
+from daamkit.common.progress import log
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODALITY_BY_INPUT = {"input_values": "audio", "pixel_values": "image", "input_ids": "text"}
@@ -145,9 +148,14 @@ class FrozenEncoder:
         if self.device_map:
             kwargs["device_map"] = self.device_map
         try:
-            model = AutoModel.from_pretrained(self.folder, **kwargs)
+            with _quiet_transformers():
+                model, info = AutoModel.from_pretrained(self.folder, output_loading_info=True, **kwargs)
         except (OSError, ValueError) as err:
             raise DaamkitError(f"cannot load the model weights in {self.folder}: {_first_line(err)}") from err
+        missing = sorted(key for key in info.get("missing_keys", ()) if not key.startswith("pooler."))
+        if missing:
+            log(f"warning: {len(missing)} parameter(s) of {self.name} are not in its checkpoint and stay random "
+                f"(e.g. {missing[0]})")
         if getattr(model.config, "is_encoder_decoder", False):
             model = model.get_encoder()
         if not self.device_map:
@@ -217,9 +225,11 @@ class FrozenEncoder:
         return torch.as_tensor(compute(samples, **kwargs)).long()
 
     @cached_property
-    def _forward_args(self) -> set[str]:
-        """Names the model's forward accepts (processors may return extras such as token_type_ids)."""
-        return set(inspect.signature(self.model.forward).parameters)
+    def _forward_args(self) -> set[str] | None:
+        """Input names the model's forward declares (processors may return extras such as token_type_ids);
+        None when it takes its inputs through **kwargs only, and so gets everything the processor returns."""
+        names = set(inspect.signature(self.model.forward).parameters)
+        return names if self.model.main_input_name in names else None
 
     # ------------------------------------------------------------ forward (device)
 
@@ -228,8 +238,11 @@ class FrozenEncoder:
         """float32 `(B, L, d)` masked means of the kept hidden states, on the CPU."""
         out = torch.empty(prepared.size, len(self.layers), self.hidden_size)
         for rows, inputs, lengths in prepared.parts:
-            inputs = {k: v.to(self.input_device) for k, v in inputs.items() if k in self._forward_args}
-            hidden = self.model(**inputs, output_hidden_states=True).hidden_states
+            accepted = self._forward_args
+            inputs = {k: v.to(self.input_device) for k, v in inputs.items() if accepted is None or k in accepted}
+            with warnings.catch_warnings():  # WavLM's own attention call triggers a torch deprecation notice
+                warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+                hidden = self.model(**inputs, output_hidden_states=True).hidden_states
             if hidden is None or len(hidden) != self.num_hidden_layers + 1:
                 raise DaamkitError(
                     f"{self.folder} returned {0 if hidden is None else len(hidden)} hidden states, expected "
@@ -256,6 +269,22 @@ def masked_mean(hidden: torch.Tensor, lengths: torch.Tensor | None) -> torch.Ten
     return total / lengths[:, None].to(torch.float32)
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own load report and weight-loading bar (daamkit reports through `log`)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def _model_class(config: Any, folder: Path, trust_remote_code: bool) -> type:
     """The class AutoModel would build for `config` (without loading weights), custom code only if trusted."""
     from transformers import AutoModel
@@ -273,16 +302,29 @@ def _model_class(config: Any, folder: Path, trust_remote_code: bool) -> type:
     )
 
 
+# Files that hold a processor; transformers may otherwise build an empty default one silently.
+PROCESSOR_FILES = {
+    "text": ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model"),
+    "audio": ("preprocessor_config.json", "processor_config.json"),
+    "image": ("preprocessor_config.json", "processor_config.json"),
+}
+
+
 def _load_processor(folder: Path, modality: str, trust_remote_code: bool) -> Any:
     """The model's own tokenizer / feature extractor / image processor, from the same folder."""
     from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer
 
     loader = {"text": AutoTokenizer, "audio": AutoFeatureExtractor, "image": AutoImageProcessor}[modality]
-    expected = {"text": "tokenizer files", "audio": "preprocessor_config.json", "image": "preprocessor_config.json"}
+    what = {"text": "tokenizer", "audio": "feature extractor", "image": "image processor"}[modality]
+    if not any((folder / name).is_file() for name in PROCESSOR_FILES[modality]):
+        raise DaamkitError(
+            f"{folder} has no {what} for its {modality} model (none of {', '.join(PROCESSOR_FILES[modality])}); "
+            "save it there with save_pretrained"
+        )
     try:
         processor = loader.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DaamkitError(f"{folder} has no usable {expected[modality]} for its {modality} model: {_first_line(err)}") from err
+        raise DaamkitError(f"cannot load the {what} in {folder}: {_first_line(err)}") from err
     if modality == "text":
         processor.padding_side = "right"
         if processor.pad_token is None:

@@ -48,10 +48,22 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 def make_accelerator(mixed_precision: str, cpu: bool = False):
-    """An Accelerate `Accelerator` for device placement and mixed precision (works under `accelerate launch`)."""
-    from accelerate import Accelerator
+    """An Accelerate `Accelerator` for device placement and mixed precision (works under `accelerate launch`).
 
-    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=cpu)
+    Accelerate keeps one global state per process; in a single process (e.g. a notebook that trains in
+    bf16 and then evaluates in float32) that state is reset so each call gets the settings it asks for.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    precision = resolve_mixed_precision(mixed_precision)
+    try:
+        return Accelerator(mixed_precision=precision, cpu=cpu)
+    except ValueError as err:
+        if PartialState().num_processes > 1:
+            raise DaamkitError(f"cannot change mixed precision/device inside a distributed launch: {err}") from err
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def plan_splits(cache: FeatureCache, sources: dict[str, FeatureSplit], *, seed: int, runs: int,
@@ -117,6 +129,8 @@ def load_run(run_dir: str | Path, features_dir: Optional[str | Path] = None) -> 
         run = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DaamkitError(f"{path} is not valid JSON: {err}") from err
+    if features_dir is None and not Path(run["features"]).is_dir():
+        raise DaamkitError(f"the feature cache of run {run_dir} ({run['features']}) is gone; pass --features DIR")
     cache = FeatureCache.open(features_dir if features_dir is not None else run["features"])
     manifest = cache.manifest
     for key in ("classes", "hidden_size", "layers", "grouping", "fingerprint", "encoder_config_hash"):

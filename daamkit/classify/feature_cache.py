@@ -13,8 +13,9 @@ Format (version 1) of a cache folder `FEATURES_DIR`:
     <split>/progress.json  {"completed": n}: rows [0, n) are final (written only while extracting)
 
 `layers` are indices into the encoder's `hidden_states` tuple (0 = embedding output), so `layers[i]` is
-the encoder layer stored in `features[:, i]`. IEMOCAP has one split "all" with `grouping: "session"`
-and items grouped "Session1".."Session5"; the other tasks have "train" and "test".
+the encoder layer stored in `features[:, i]`. Row order is the extractor's choice (text splits run
+longest text first); `items[i]` and `labels[i]` always describe row i. IEMOCAP has one split "all"
+with `grouping: "session"` and items grouped "Session1".."Session5"; other tasks have "train", "test".
 
 Rows are written in order. After each batch the arrays are flushed and `progress.json` is replaced
 atomically, so an interrupted extraction resumes from the last committed row. `items.json` is produced

@@ -28,6 +28,7 @@ from daamkit.classify.evaluation import accuracy, load_split_decoder, predict, s
 from daamkit.classify.experiment import (
     METRICS_FILE,
     RUN_FILE,
+    RunContext,
     default_batch_size,
     default_lr,
     is_speech,
@@ -141,7 +142,7 @@ def train_decoder(
     return metrics
 
 
-def _train_split(context, plan: SplitPlan, accelerator) -> list[dict]:
+def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
     """Train one fold/run for the configured epochs; save the checkpoint of the best dev epoch."""
     from accelerate.utils import set_seed
     from torch.utils.tensorboard import SummaryWriter
@@ -171,7 +172,7 @@ def _train_split(context, plan: SplitPlan, accelerator) -> list[dict]:
             for features, labels, _ in batches:
                 features = features.to(accelerator.device, non_blocking=True)
                 labels = labels.to(accelerator.device, non_blocking=True)
-                loss = loss_fn(trained(features), labels)
+                loss = loss_fn(trained(features).float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
@@ -202,7 +203,7 @@ def _train_split(context, plan: SplitPlan, accelerator) -> list[dict]:
     return history
 
 
-def _finish_run(context, accelerator, history: dict[str, list[dict]]) -> dict:
+def _finish_run(context: RunContext, accelerator, history: dict[str, list[dict]]) -> dict:
     """metrics.json: test accuracy of each split's best checkpoint, parameter counts, Gaussian ranges."""
     run = context.run
     result = score_run(context, accelerator.device, accelerator.autocast, run["batch_size"])
@@ -227,8 +228,7 @@ def _finish_run(context, accelerator, history: dict[str, list[dict]]) -> dict:
             key: {"min": min(r[key]["min"] for r in ranges), "max": max(r[key]["max"] for r in ranges)}
             for key in ("mean_offset", "scaled_variance")
         }
-    with_writer = accelerator.is_main_process
-    if with_writer:
+    if accelerator.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(str(context.run_dir / "tensorboard" / "summary")) as writer:

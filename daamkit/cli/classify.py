@@ -11,6 +11,65 @@ from daamkit.cli.app import new_app
 app = new_app("Frozen-encoder DAT classifiers: extract, train, evaluate, importance, report.")
 
 
+# --- extract ---
+
+
+def _resolve_options(ctx: typer.Context, config: Optional[Path], quiet: bool, required: tuple[str, ...]) -> dict:
+    """This command's options merged with `--config` (flags win), required ones checked, progress set quiet."""
+    from daamkit.common.config_file import explicit_options, merge_config
+    from daamkit.common.errors import DaamkitError
+    from daamkit.common.progress import set_quiet
+
+    values = merge_config(
+        {k: v for k, v in ctx.params.items() if k not in ("config", "as_json", "quiet")},
+        explicit_options(ctx),
+        config,
+    )
+    for name in required:
+        if values[name] is None:
+            raise DaamkitError(f"--{name} is required (on the command line or in --config)")
+    set_quiet(quiet)
+    return values
+
+
+_TASK_HELP = "iemocap | agnews | cifar100 | text-csv | image-folder | audio-folder"
+
+
+@app.command()
+def extract(
+    ctx: typer.Context,
+    task: Optional[str] = typer.Option(None, "--task", help=_TASK_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder in the task's original layout."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="HF model folder or name in the local HF cache."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Feature cache folder to fill (resumed / reused)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Items per encoder forward pass."),
+    dtype: str = typer.Option("float32", "--dtype", help="Encoder weights/compute: float32 | bfloat16 | float16."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda, mps, cpu) | cpu | cuda | cuda:1 ..."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="e.g. auto: spread a big model over GPUs."),
+    include_embeddings: bool = typer.Option(False, "--include-embeddings", help="Also keep hidden_states[0]."),
+    max_items: Optional[int] = typer.Option(None, "--max-items", help="Evenly spaced subset per split (smoke runs)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's custom code."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of these options; flags win."),
+    as_json: bool = typer.Option(False, "--json", help="Print the extraction summary as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Encode a dataset with a frozen encoder into a memory-mapped (N, layers, d) float16 feature cache."""
+    from daamkit.classify.extract import extract_features
+
+    values = _resolve_options(ctx, config, quiet, ("task", "data", "encoder", "out"))
+    summary = extract_features(
+        values.pop("task"), values.pop("data"), values.pop("encoder"), values.pop("out"), **values
+    )
+    if as_json:
+        _echo_json(summary)
+        return
+    for name, split in summary["splits"].items():
+        state = "reused" if split["reused"] else f"computed {split['computed']} in {split['seconds']:.1f} s"
+        typer.echo(f"{name}: {split['num_items']} items x {len(summary['layers'])} layers x "
+                   f"{summary['hidden_size']} ({state})")
+    typer.echo(f"features in {summary['out']}")
+
+
 # --- train / evaluate / importance / report (library imports are lazy so `--help` stays fast) ---
 
 _DECODER_HELP = "mha | mha-bn | gqa | daam-v1 | daam-v2 | gqdaam | mixture"
@@ -49,19 +108,8 @@ def train(
 ) -> None:
     """Train a DAT decoder on cached features: folds (IEMOCAP) or seeded runs, dev-split model selection."""
     from daamkit.classify.training import train_decoder
-    from daamkit.common.config_file import explicit_options, merge_config
-    from daamkit.common.errors import DaamkitError
-    from daamkit.common.progress import set_quiet
 
-    values = merge_config(
-        {k: v for k, v in ctx.params.items() if k not in ("config", "as_json", "quiet")},
-        explicit_options(ctx),
-        config,
-    )
-    for name in ("features", "decoder", "out"):
-        if values[name] is None:
-            raise DaamkitError(f"--{name} is required (on the command line or in --config)")
-    set_quiet(quiet)
+    values = _resolve_options(ctx, config, quiet, ("features", "decoder", "out"))
     metrics = train_decoder(values.pop("features"), values.pop("decoder"), values.pop("out"), **values)
     if as_json:
         _echo_json(metrics)
@@ -124,3 +172,119 @@ def report(
     from daamkit.classify.report import render_report
 
     typer.echo(render_report(run_dirs, fmt))
+
+
+# --- LoRA baselines, IF ablation, the one-command paper protocol ---
+
+
+@app.command()
+def lora(
+    task: str = typer.Option(..., "--task", help=_TASK_HELP),
+    data: Path = typer.Option(..., "--data", help="Dataset folder in the task's original layout."),
+    encoder: str = typer.Option(..., "--encoder", help="HF model folder or name in the local HF cache."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (metrics, adapter checkpoints)."),
+    rank: int = typer.Option(8, "--rank", help="LoRA rank r (the paper: 4 or 8)."),
+    alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (scale alpha / r)."),
+    plus: bool = typer.Option(False, "--plus", help="LoRA+: lora_B learns --loraplus-ratio times faster."),
+    loraplus_ratio: float = typer.Option(16.0, "--loraplus-ratio", help="LoRA+ lr ratio of B over A."),
+    target_modules: Optional[str] = typer.Option(
+        None, "--target-modules", help="Comma-separated module names [default: attention query/key; WavLM: "
+        "intermediate_dense,output_dense]."),
+    epochs: int = typer.Option(3, "--epochs", help="Epochs per fold/run."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: 1e-4, 5e-5 for Llama]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first run; run r uses seed + r (as classify train)."),
+    runs: int = typer.Option(1, "--runs", help="Repeated runs with different seeds (train/test tasks)."),
+    dev_fraction: float = typer.Option(0.1, "--dev-fraction", help="Share of the training pool held out as dev."),
+    loss: str = typer.Option("auto", "--loss", help="auto (focal for speech, else ce) | focal | ce"),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay."),
+    max_items: Optional[int] = typer.Option(None, "--max-items", help="Evenly spaced subset per split (as extract)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Encoder weights: float32 | bfloat16 | float16."),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help=_MP_HELP),
+    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is present."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in --out."),
+    method: Optional[str] = typer.Option(None, "--method", help="Row name in reports [default: LoRA (r=8)]."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's custom code."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """LoRA / LoRA+ baseline: fine-tune the encoder's adapters + a linear head, same folds and dev selection."""
+    from daamkit.classify.lora import train_lora
+    from daamkit.common.progress import set_quiet
+
+    set_quiet(quiet)
+    targets = [name.strip() for name in target_modules.split(",") if name.strip()] if target_modules else None
+    metrics = train_lora(
+        task, data, encoder, out, rank=rank, alpha=alpha, plus=plus, loraplus_ratio=loraplus_ratio,
+        target_modules=targets, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, runs=runs,
+        dev_fraction=dev_fraction, loss=loss, weight_decay=weight_decay, max_items=max_items, dtype=dtype,
+        mixed_precision=mixed_precision, cpu=cpu, overwrite=overwrite, method=method,
+        trust_remote_code=trust_remote_code,
+    )
+    if as_json:
+        _echo_json(metrics)
+    else:
+        acc = metrics["accuracy"]
+        typer.echo(f"{metrics['method']}: accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} % "
+                   f"({metrics['trainable_parameters']:,} trainable parameters)")
+
+
+@app.command()
+def ablate(
+    run_dir: Path = typer.Argument(..., help="Finished DAAM run (daam-v1/v2, gqdaam, mixture) with its IF."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Feature cache [default: the run's]."),
+    k: int = typer.Option(3, "--k", help="Number of top-IF and of bottom-IF layers."),
+    out: Optional[Path] = typer.Option(None, "--out", help="[default: RUN_DIR/ablation-k<K>]"),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help=_MP_HELP),
+    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is present."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """IF layer ablation: the run's decoder on its top-k vs bottom-k Importance-Factor layers (Tables 6-7)."""
+    from daamkit.classify.ablation import run_ablation
+    from daamkit.common.progress import set_quiet
+
+    set_quiet(quiet)
+    result = run_ablation(run_dir, features, k=k, out_dir=out, mixed_precision=mixed_precision, cpu=cpu)
+    typer.echo(json.dumps(result["table"], indent=2) if as_json else result["markdown"])
+
+
+@app.command()
+def reproduce(
+    task: str = typer.Option(..., "--task", help="iemocap | agnews | cifar100"),
+    data: Path = typer.Option(..., "--data", help="Dataset folder in the task's original layout."),
+    encoder: str = typer.Option(..., "--encoder", help="HF model folder or name in the local HF cache."),
+    out: Path = typer.Option(..., "--out", help="Experiment folder (features, runs, report); reruns resume."),
+    methods: Optional[str] = typer.Option(
+        None, "--methods", help="Comma-separated subset of: mha, mha-bn, gqa, daam-v1, daam-v2, gqdaam, "
+        "mixture, lora, loraplus, ablation [default: all]."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Smoke run: 64 items per split, 2 decoder epochs, 1 LoRA epoch, 1 run."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Decoder epochs [default: 35; quick: 2]."),
+    lora_epochs: Optional[int] = typer.Option(None, "--lora-epochs", help="LoRA epochs [default: 3; quick: 1]."),
+    runs: Optional[int] = typer.Option(None, "--runs", help="Seeded runs for agnews/cifar100 [default: 3; quick: 1]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first run/fold plan."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="Override every decoder's head count."),
+    lora_ranks: str = typer.Option("4,8", "--lora-ranks", help="LoRA / LoRA+ ranks, comma-separated."),
+    k: int = typer.Option(3, "--k", help="Top-/bottom-IF layers in the ablation."),
+    ablation_source: str = typer.Option("daam-v1", "--ablation-source", help="DAAM decoder whose IF ranks layers."),
+    max_items: Optional[int] = typer.Option(None, "--max-items", help="Subset per split [quick: 64]."),
+    batch_size: int = typer.Option(8, "--extract-batch-size", help="Items per encoder forward pass in extraction."),
+    dtype: str = typer.Option("float32", "--dtype", help="Encoder weights/compute: float32 | bfloat16 | float16."),
+    mixed_precision: str = typer.Option("auto", "--mixed-precision", help=_MP_HELP),
+    cpu: bool = typer.Option(False, "--cpu", help="Run everything on the CPU."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """One paper experiment end to end: extraction, every decoder, LoRA and LoRA+, IF ablation, the report."""
+    from daamkit.classify.reproduce import ReproduceOptions, reproduce_experiment
+    from daamkit.common.progress import set_quiet
+
+    set_quiet(quiet)
+    options = ReproduceOptions.build(
+        methods=methods, quick=quick, epochs=epochs, lora_epochs=lora_epochs, runs=runs, seed=seed, heads=heads,
+        lora_ranks=lora_ranks, k=k, ablation_source=ablation_source, max_items=max_items, batch_size=batch_size,
+        dtype=dtype, mixed_precision=mixed_precision, cpu=cpu,
+    )
+    result = reproduce_experiment(task, data, encoder, out, options)
+    typer.echo(json.dumps(result["report"], indent=2) if as_json else result["markdown"])

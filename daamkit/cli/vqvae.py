@@ -1,5 +1,172 @@
 """`daamkit vqvae ...`: train, evaluate, reconstruct, encode and decode the DAAM VQ-VAE."""
 
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any, List, Optional
+
+import typer
+
 from daamkit.cli.app import new_app
+from daamkit.common.config_file import explicit_options, merge_config, read_toml
+from daamkit.common.errors import DaamkitError
+from daamkit.common.progress import log
+from daamkit.vqvae.config import TrainConfig, VQVAEConfig
 
 app = new_app("DAAM-enhanced VQ-VAE image tokenizer: train, evaluate, reconstruct, encode, decode.")
+
+_M, _T = VQVAEConfig(), TrainConfig()
+MODEL_KEYS = {f.name for f in fields(VQVAEConfig)}
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint folder (e.g. runs/vqvae/checkpoints/best).")]
+InputsArg = Annotated[List[Path], typer.Argument(help="Image files or folders.")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Center-crop size (default: the training crop size).")]
+FullOpt = Annotated[bool, typer.Option("--full", help="Whole images (trimmed to the down-sampling factor).")]
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+
+
+def _resume_configs(out: Path, values: dict[str, Any], given: set[str]) -> tuple[VQVAEConfig, TrainConfig]:
+    """The saved run's configs; options given now may only change what RESUME_ADJUSTABLE allows."""
+    from daamkit.vqvae.train import RESUME_ADJUSTABLE, saved_run_configs
+
+    model_config, train_config = saved_run_configs(out)
+    saved = {**model_config.to_dict(), **train_config.to_dict()}
+    changes = {}
+    for key in sorted(given & (MODEL_KEYS | TRAIN_KEYS)):
+        if key in RESUME_ADJUSTABLE:
+            changes[key] = values[key]
+        elif values[key] != saved[key]:
+            flag = "--" + key.replace("_", "-")
+            raise DaamkitError(f"--resume keeps the saved run's settings: {flag} {values[key]} differs from "
+                               f"{saved[key]!r} in {out}; only --steps, --log-every, --eval-every, --val-images, "
+                               "--num-workers and --compile may change")
+    return model_config, train_config.replace(**changes)
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    data: str = typer.Option(_T.data, help="'samples' (scikit-image photos), an image folder, or a COCO 2017 root."),
+    out: Path = typer.Option(Path("runs/vqvae"), help="Run folder: checkpoints/{last,best}, tb/, samples/."),
+    image_size: int = typer.Option(_T.image_size, help="Training crop size (multiple of 2^num-downsamples)."),
+    steps: int = typer.Option(_T.steps, help="Optimizer steps in total."),
+    batch_size: int = typer.Option(_T.batch_size, help="Images per step and process."),
+    lr: float = typer.Option(_T.lr, help="Peak AdamW learning rate (warm-up, then cosine decay)."),
+    weight_decay: float = typer.Option(_T.weight_decay, help="AdamW weight decay on conv kernels."),
+    warmup_steps: int = typer.Option(_T.warmup_steps, help="Linear warm-up steps."),
+    grad_clip: float = typer.Option(_T.grad_clip, help="Gradient-norm clip (0 disables)."),
+    base_channels: int = typer.Option(_M.base_channels, help="Channels after conv_in."),
+    num_downsamples: int = typer.Option(_M.num_downsamples, help="Stride-2 blocks; tokens grid = image / 2^N."),
+    num_embeddings: int = typer.Option(_M.num_embeddings, help="Codebook size."),
+    embedding_dim: int = typer.Option(_M.embedding_dim, help="Code vector size."),
+    attention: str = typer.Option(_M.attention, help="daam (Mixture-DAAM residual blocks) or none (ablation)."),
+    heads: int = typer.Option(_M.heads, help="Mixture-DAAM heads over the channel axis."),
+    gaussians: int = typer.Option(_M.gaussians, help="Gaussians per Mixture-DAAM head."),
+    ema: bool = typer.Option(_M.ema, "--ema/--no-ema", help="EMA codebook updates (else a codebook loss)."),
+    l2_normalize: bool = typer.Option(_M.l2_normalize, "--l2-normalize/--no-l2-normalize", help="Unit-norm codes."),
+    recon_loss: str = typer.Option(_T.recon_loss, help="Reconstruction loss: l1 or mse."),
+    perceptual_weight: float = typer.Option(
+        _T.perceptual_weight, help="LPIPS weight; > 0 needs the AlexNet trunk in the torch hub cache (see `daamkit info`)."),
+    lpips_net: str = typer.Option(_T.lpips_net, help="LPIPS trunk: alex or vgg."),
+    mixed_precision: str = typer.Option(_T.mixed_precision, help="no, bf16 or fp16 (fp16 needs a GPU)."),
+    compile: bool = typer.Option(_T.compile, "--compile", help="torch.compile the encoder and decoder."),
+    seed: int = typer.Option(_T.seed, help="Random seed (weights, crops, code restarts)."),
+    num_workers: int = typer.Option(_T.num_workers, help="DataLoader worker processes."),
+    log_every: int = typer.Option(_T.log_every, help="TensorBoard scalar interval (steps)."),
+    eval_every: int = typer.Option(_T.eval_every, help="Validation + checkpoint interval (steps)."),
+    val_images: int = typer.Option(_T.val_images, help="Held-out images per validation."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out (exactly)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of options; command-line flags win."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final result as one JSON object."),
+) -> None:
+    """Train the DAAM VQ-VAE (defaults: built-in photos, ~5 minutes on 2 CPU cores)."""
+    from daamkit.vqvae.train import train as run_training
+
+    values = {key: ctx.params[key] for key in MODEL_KEYS | TRAIN_KEYS | {"out"} if key in ctx.params}
+    given = explicit_options(ctx)
+    if config is not None:
+        values = merge_config(values, given, config)
+        given = given | set(read_toml(config, set(values)))
+    out_dir = Path(values.pop("out"))
+    if resume:
+        model_config, train_config = _resume_configs(out_dir, values, given)
+    else:
+        model_config = VQVAEConfig.from_dict({k: v for k, v in values.items() if k in MODEL_KEYS})
+        train_config = TrainConfig.from_dict({k: v for k, v in values.items() if k in TRAIN_KEYS})
+    result = run_training(model_config, train_config, out_dir, resume=resume, overwrite=overwrite)
+    if as_json:
+        typer.echo(json.dumps({"status": result.status, "step": result.step, "best_psnr": result.best_psnr,
+                               "metrics": result.metrics, "out": str(out_dir)}))
+    if result.status == "interrupted":
+        log(f"interrupted at step {result.step}; checkpoint saved in {result.paths.last}; continue with --resume")
+        raise typer.Exit(130)
+    psnr = f"{result.metrics['psnr']:.2f} dB" if result.metrics else "n/a"
+    log(f"done: step {result.step}, validation PSNR {psnr}; checkpoints in {result.paths.root / 'checkpoints'}, "
+        f"pictures in {result.paths.samples}; monitor with `tensorboard --logdir {result.paths.tb}`")
+
+
+def _format_metrics(metrics: dict) -> str:
+    lpips = "n/a (trunk weights missing)" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}"
+    return (f"psnr {metrics['psnr']:.2f} dB  ssim {metrics['ssim']:.4f}  lpips {lpips}  "
+            f"codebook usage {metrics['codebook_usage']:.1f}%  perplexity {metrics['perplexity']:.1f}  "
+            f"images {metrics['num_images']}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: CheckpointArg,
+    data: str = typer.Option("samples", help="'samples' (held-out crops), a COCO 2017 root (val2017) or a folder."),
+    image_size: ImageSizeOpt = None,
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """PSNR, SSIM, LPIPS (null without trunk weights), codebook usage % and perplexity of a checkpoint."""
+    from daamkit.vqvae.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(checkpoint, data, image_size, batch_size)
+    typer.echo(json.dumps(metrics) if as_json else _format_metrics(metrics))
+
+
+@app.command()
+def reconstruct(
+    checkpoint: CheckpointArg,
+    inputs: InputsArg,
+    out: Path = typer.Option(..., "--out", help="Folder for the original | reconstruction PNGs."),
+    image_size: ImageSizeOpt = None,
+    full: FullOpt = False,
+) -> None:
+    """Write side-by-side original | reconstruction PNGs."""
+    from daamkit.vqvae.evaluate import reconstruct_files
+
+    written = reconstruct_files(checkpoint, inputs, out, image_size, full)
+    log(f"wrote {len(written)} picture(s) to {out}")
+
+
+@app.command()
+def encode(
+    checkpoint: CheckpointArg,
+    inputs: InputsArg,
+    out: Path = typer.Option(..., "--out", help="Output .npz of token-id grids."),
+    image_size: ImageSizeOpt = None,
+    full: FullOpt = False,
+) -> None:
+    """Turn images into token-id grids (.npz)."""
+    from daamkit.vqvae.tokens import encode_files
+
+    summary = encode_files(checkpoint, inputs, out, image_size, full)
+    log(f"wrote {summary['images']} token grid(s) of {summary['height']}x{summary['width']} to {out}")
+
+
+@app.command()
+def decode(
+    checkpoint: CheckpointArg,
+    tokens: Path = typer.Argument(..., help=".npz written by `daamkit vqvae encode`."),
+    out: Path = typer.Option(..., "--out", help="Folder for the decoded PNGs."),
+) -> None:
+    """Turn token-id grids (.npz) back into images."""
+    from daamkit.vqvae.tokens import decode_file
+
+    written = decode_file(checkpoint, tokens, out)
+    log(f"wrote {len(written)} image(s) to {out}")

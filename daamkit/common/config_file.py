@@ -46,7 +46,10 @@ def merge_config(cli_values: dict[str, Any], explicit: set[str], config_path: st
 
 
 def explicit_options(ctx: Any) -> set[str]:
-    """Names of the options the user typed on the command line of this click/Typer context."""
-    from click.core import ParameterSource
+    """Names of the options the user typed on the command line of this click/Typer context.
 
-    return {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    Compared by enum name: Typer >= 0.2x ships its own copy of click (`typer._click`), whose
+    ParameterSource is a different class from `click.core.ParameterSource`.
+    """
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, source in sources.items() if getattr(source, "name", None) == "COMMANDLINE"}

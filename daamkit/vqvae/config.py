@@ -41,12 +41,12 @@ class VQVAEConfig:
     """Architecture of the DAAM VQ-VAE (encoder, quantizer, decoder).
 
     Channels start at `base_channels` (conv_in) and double after every down-sampling block except the
-    first, capped at 4x, so `num_downsamples=2, base_channels=64` gives 64 -> 64 -> 128 channels and a
+    first, capped at 4x, so `num_downsamples=2, base_channels=32` gives 32 -> 32 -> 64 channels and a
     latent grid of image_size / 4.
     """
 
     in_channels: int = 3
-    base_channels: int = 64
+    base_channels: int = 32
     num_downsamples: int = 2
     embedding_dim: int = 64
     num_embeddings: int = 512
@@ -99,7 +99,7 @@ class TrainConfig:
 
     data: str = "samples"
     image_size: int = 64
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.01

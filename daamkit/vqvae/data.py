@@ -31,7 +31,7 @@ LOAD_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.D
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HWC RGB -> float CHW in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -290,6 +290,8 @@ def evaluation_set(data: str, image_size: int) -> CropDataset:
     if data == "samples":
         return _sample_splits(image_size, seed=0).val
     root = Path(data).expanduser()
-    if is_coco_root(root) and (root / "val2017").is_dir():
+    if is_coco_root(root):
+        if not (root / "val2017").is_dir():
+            raise DaamkitError(f"COCO root {root} has no val2017/ folder to evaluate on")
         root = root / "val2017"
     return _file_dataset(_scan_nonempty(root, image_size, "evaluation"), image_size, seed=0)

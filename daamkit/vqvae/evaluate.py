@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,8 +14,8 @@ from torch.utils.data import DataLoader, Subset
 from daamkit.common.errors import DaamkitError
 from daamkit.common.progress import log, progress_bar
 from daamkit.vqvae.data import CropDataset, collate_valid, evaluation_set, to_uint8
-from daamkit.vqvae.io import collect_inputs, default_device, load_input, load_model, resolve_image_size, save_png
-from daamkit.vqvae.losses import load_lpips, lpips_available, missing_lpips_message
+from daamkit.vqvae.io import default_device, iterate_inputs, load_model, resolve_image_size, save_png
+from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, lpips_available, missing_lpips_message
 from daamkit.vqvae.metrics import CodeHistogram, psnr_per_image, ssim_per_image
 from daamkit.vqvae.model import VQVAE
 
@@ -33,15 +34,15 @@ def evaluate_model(model: VQVAE, dataset: CropDataset, device: torch.device, bat
     """Mean per-image PSNR/SSIM (and LPIPS when a model is given) plus code usage over `dataset`."""
     if max_images is not None and max_images < len(dataset):
         dataset = Subset(dataset, range(max_images))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_valid)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_valid,
+                        generator=torch.Generator())  # leaves the global RNG of a training run untouched
     was_training = model.training
     model.eval()
     histogram = CodeHistogram(model.config.num_embeddings)
     psnr_sum = ssim_sum = lpips_sum = 0.0
     count = failed = 0
     first: tuple[torch.Tensor, torch.Tensor] | None = None
-    total = len(loader) if show_progress else None
-    with progress_bar("evaluating", total=total) as task:
+    with progress_bar("evaluating", total=len(loader)) if show_progress else nullcontext() as task:
         for images, num_failed in loader:
             failed += num_failed
             if images is not None:
@@ -56,7 +57,7 @@ def evaluate_model(model: VQVAE, dataset: CropDataset, device: torch.device, bat
                 count += images.shape[0]
                 if first is None:
                     first = (images.cpu(), recon.cpu())
-            if show_progress:
+            if task is not None:
                 task.advance()
     model.train(was_training)
     if failed:
@@ -88,10 +89,12 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int |
     size = resolve_image_size(model.config, train_config, image_size)
     dataset = evaluation_set(data, size)
     lpips_model = None
-    if lpips_available(lpips_net):
-        lpips_model = load_lpips(lpips_net).to(device)
-    else:
+    if not lpips_available(lpips_net):
         log(f"lpips reported as null: {missing_lpips_message(lpips_net)}")
+    elif size < LPIPS_MIN_SIZE:
+        log(f"lpips reported as null: images of {size} px are below its {LPIPS_MIN_SIZE} px minimum")
+    else:
+        lpips_model = load_lpips(lpips_net).to(device)
     return evaluate_model(model, dataset, device, batch_size, lpips_model).metrics
 
 
@@ -114,17 +117,8 @@ def image_grid(rows: Sequence[torch.Tensor], gap: int = 2) -> np.ndarray:
 def reconstruct_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
                       image_size: int | None = None, full: bool = False) -> list[Path]:
     """Write `original | reconstruction` PNGs for image files/folders into `out_dir`; returns their paths."""
-    files = collect_inputs(inputs)
-    device = default_device()
-    model, train_config = load_model(checkpoint_dir, device)
-    size = resolve_image_size(model.config, train_config, image_size)
-    out_dir = Path(out_dir)
     written = []
-    with progress_bar("reconstructing", total=len(files)) as task:
-        for index, path in enumerate(files):
-            image = load_input(path, size, full, model.config.downsample_factor).unsqueeze(0).to(device)
-            recon = model(image).reconstruction
-            pair = side_by_side(to_uint8(image)[0], to_uint8(recon)[0])
-            written.append(save_png(out_dir / f"{index:04d}_{path.stem}.png", pair))
-            task.advance()
+    for index, (model, path, image) in enumerate(iterate_inputs(checkpoint_dir, inputs, image_size, full, "reconstructing")):
+        pair = side_by_side(to_uint8(image)[0], to_uint8(model(image).reconstruction)[0])
+        written.append(save_png(Path(out_dir) / f"{index:04d}_{path.stem}.png", pair))
     return written

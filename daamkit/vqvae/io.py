@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from PIL import Image
 
 from daamkit.common.checkpoint import load_config, load_state_dict_strict, load_weights
 from daamkit.common.errors import DaamkitError
+from daamkit.common.progress import progress_bar
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, parse_checkpoint_config
 from daamkit.vqvae.data import LOAD_ERRORS, IMAGE_EXTENSIONS, center_crop, list_images, read_rgb, to_tensor
 from daamkit.vqvae.model import VQVAE
@@ -83,3 +84,17 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     return path
+
+
+def iterate_inputs(checkpoint_dir: str | Path, inputs: Sequence[str | Path], image_size: int | None, full: bool,
+                   description: str) -> Iterator[tuple[VQVAE, Path, torch.Tensor]]:
+    """Load the checkpoint once, then yield `(model, path, image [1, 3, H, W] on the model's device)` for
+    every input image, with a progress bar. All inputs are checked before the model is loaded."""
+    files = collect_inputs(inputs)
+    device = default_device()
+    model, train_config = load_model(checkpoint_dir, device)
+    size = resolve_image_size(model.config, train_config, image_size)
+    with progress_bar(description, total=len(files)) as task:
+        for path in files:
+            yield model, path, load_input(path, size, full, model.config.downsample_factor).unsqueeze(0).to(device)
+            task.advance()

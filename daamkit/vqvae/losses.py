@@ -18,6 +18,8 @@ from torch import nn
 from daamkit.common.errors import DaamkitError
 from daamkit.common.local_weights import lpips_trunk_path
 
+LPIPS_MIN_SIZE = 32  # smallest square input the AlexNet/VGG trunk can take down to its last stage
+
 
 def reconstruction_loss(kind: str, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean L1 or MSE between images, computed in float32."""
@@ -58,7 +60,8 @@ def load_lpips(net: str = "alex") -> nn.Module:
     heads_file = Path(inspect.getfile(lpips.LPIPS)).parent / "weights" / "v0.1" / f"{net}.pth"
     heads_state = torch.load(heads_file, map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(heads_state, strict=False)
-    if unexpected or any(not key.startswith("net.") for key in missing):
+    # the trunk ("net."), fixed input scaling buffers and the `lins` aliases of lin0..lin4 are not in the file
+    if unexpected or any(not key.startswith(("net.", "scaling_layer.", "lins.")) for key in missing):
         raise DaamkitError(f"LPIPS head weights {heads_file} do not fit the {net} model")
     model.eval()
     for param in model.parameters():

@@ -44,32 +44,32 @@ class DAAMResidualBlock(nn.Module):
         return x + h
 
 
-class DownSampleBlock(nn.Module):
+class _ResampleBlock(nn.Module):
+    """`conv` (stride 2) -> GroupNorm -> ReLU -> DAAM residual block."""
+
+    def __init__(self, conv: nn.Module, out_channels: int, config: VQVAEConfig):
+        super().__init__()
+        self.conv = conv
+        self.norm = _group_norm(out_channels)
+        self.act = nn.ReLU()
+        self.residual = DAAMResidualBlock(out_channels, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(self.act(self.norm(self.conv(x))))
+
+
+class DownSampleBlock(_ResampleBlock):
     """Conv stride 2 -> GroupNorm -> ReLU -> DAAM residual block (halves H and W)."""
 
     def __init__(self, in_channels: int, out_channels: int, config: VQVAEConfig):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1)
-        self.norm = _group_norm(out_channels)
-        self.act = nn.ReLU()
-        self.residual = DAAMResidualBlock(out_channels, config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.residual(self.act(self.norm(self.conv(x))))
+        super().__init__(nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1), out_channels, config)
 
 
-class UpSampleBlock(nn.Module):
+class UpSampleBlock(_ResampleBlock):
     """ConvTranspose stride 2 -> GroupNorm -> ReLU -> DAAM residual block (doubles H and W)."""
 
     def __init__(self, in_channels: int, out_channels: int, config: VQVAEConfig):
-        super().__init__()
-        self.conv = nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1)
-        self.norm = _group_norm(out_channels)
-        self.act = nn.ReLU()
-        self.residual = DAAMResidualBlock(out_channels, config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.residual(self.act(self.norm(self.conv(x))))
+        super().__init__(nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1), out_channels, config)
 
 
 class Encoder(nn.Module):

@@ -18,7 +18,7 @@ from daamkit.common.checkpoint import atomic_write_bytes
 from daamkit.common.errors import DaamkitError
 from daamkit.common.progress import progress_bar
 from daamkit.vqvae.data import to_uint8
-from daamkit.vqvae.io import collect_inputs, default_device, load_input, load_model, resolve_image_size, save_png
+from daamkit.vqvae.io import default_device, iterate_inputs, load_model, save_png
 
 
 @torch.no_grad()
@@ -28,19 +28,14 @@ def encode_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_f
     out_file = Path(out_file)
     if out_file.suffix != ".npz":
         raise DaamkitError(f"--out {out_file} must end in .npz")
-    files = collect_inputs(inputs)
-    device = default_device()
-    model, train_config = load_model(checkpoint_dir, device)
-    size = resolve_image_size(model.config, train_config, image_size)
-    grids = []
-    with progress_bar("encoding", total=len(files)) as task:
-        for path in files:
-            image = load_input(path, size, full, model.config.downsample_factor).unsqueeze(0).to(device)
-            grids.append(model.encode(image)[0].cpu().numpy().astype(np.int32))
-            task.advance()
+    grids, files, num_embeddings = [], [], 0
+    for model, path, image in iterate_inputs(checkpoint_dir, inputs, image_size, full, "encoding"):
+        grids.append(model.encode(image)[0].cpu().numpy().astype(np.int32))
+        files.append(path)
+        num_embeddings = model.config.num_embeddings
     arrays: dict[str, np.ndarray] = {
         "files": np.array([str(f) for f in files]),
-        "num_embeddings": np.array(model.config.num_embeddings),
+        "num_embeddings": np.array(num_embeddings),
     }
     if len({g.shape for g in grids}) == 1:
         arrays["tokens"] = np.stack(grids)

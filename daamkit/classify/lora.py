@@ -1,0 +1,378 @@
+"""LoRA and LoRA+ baselines: the encoder itself fine-tuned through `peft` adapters plus a linear head.
+
+The model is the same frozen Hugging Face encoder the DAT decoders read features from (loaded through
+`FrozenEncoder`, with its own processor), LoRA adapters on its attention query/key projections (BEiT and
+BERT `query`/`key`, Llama `q_proj`/`k_proj`), the exact masked mean of its last hidden state and one
+Linear layer. Only the adapters and the head train; the encoder stays in eval mode (no dropout,
+LayerDrop or SpecAugment), so the only thing that changes is what the adapters learn.
+
+Hugging Face WavLM attention hands `q_proj.weight`, `k_proj.weight`, `v_proj.weight` and
+`out_proj.weight` straight to `F.multi_head_attention_forward`, so adapters on those modules never see
+a gradient; WavLM therefore defaults to its feed-forward `intermediate_dense`/`output_dense`, and any
+adapter that gets no gradient in the first step stops the run with one clear error.
+
+The protocol is the one of `classify train`: the same folds (IEMOCAP) or seeded runs, the best epoch
+picked on a dev split carved from the training pool, and the same `metrics.json` shape, so
+`classify report` puts LoRA rows in the DAT tables.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daamkit.classify.datasets import DatasetSplit, TaskData, load_task
+from daamkit.classify.encoders import FrozenEncoder, masked_mean
+from daamkit.classify.evaluation import accuracy, accuracy_block, has_utterances, utterance_accuracy
+from daamkit.classify.experiment import (
+    METRICS_FILE,
+    default_batch_size,
+    default_lr,
+    is_speech,
+    make_accelerator,
+    plan_splits,
+    resolve_mixed_precision,
+    split_checkpoint_dir,
+)
+from daamkit.classify.feature_cache import FeatureSplit
+from daamkit.classify.protocol import DEFAULT_DEV_FRACTION, SplitPlan
+from daamkit.classify.training import LOSSES, PLATEAU_FACTOR, PLATEAU_PATIENCE, focal_loss
+from daamkit.common.checkpoint import atomic_write_json, save_checkpoint
+from daamkit.common.errors import DaamkitError
+from daamkit.common.progress import log, progress_bar
+
+LORA_FILE = "lora.json"
+DEFAULT_EPOCHS = 3
+DEFAULT_LORAPLUS_RATIO = 16.0
+# Model types whose query/key adapters cannot train (see the module docstring) -> modules that do.
+TARGET_PRESETS = {"wavlm": ("intermediate_dense", "output_dense")}
+# Names of the attention query/key projections, tried in order on models without a preset.
+QUERY_KEY_NAMES = (("q_proj", "k_proj"), ("query", "key"), ("q_lin", "k_lin"), ("q", "k"))
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The modules LoRA adapts by default: the attention query/key projections (WavLM: its feed-forward)."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in TARGET_PRESETS:
+        return list(TARGET_PRESETS[model_type])
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    for pair in QUERY_KEY_NAMES:
+        if set(pair) <= linear:
+            return list(pair)
+    raise DaamkitError(
+        f"cannot find the attention query/key projections of this {model_type!r} model; name the Linear "
+        f"modules to adapt with --target-modules (it has: {', '.join(sorted(linear))})"
+    )
+
+
+class LoRAClassifier(nn.Module):
+    """A peft-adapted encoder -> exact masked mean of its last hidden state -> Linear(hidden, classes)."""
+
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden_size, num_classes)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self._forward_args = set(inspect.signature(encoder.get_base_model().forward).parameters)
+
+    def train(self, mode: bool = True) -> "LoRAClassifier":
+        """Only the head follows `mode`; the encoder stays in eval mode (no dropout/LayerDrop/SpecAugment)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, prepared) -> torch.Tensor:
+        """Logits `[B, classes]` for a `FrozenEncoder.prepare` batch (its parts are put back in row order)."""
+        device = self.head.weight.device
+        pooled, rows = [], []
+        for part_rows, inputs, lengths in prepared.parts:
+            inputs = {k: v.to(device) for k, v in inputs.items() if k in self._forward_args}
+            hidden = self.encoder(**inputs).last_hidden_state
+            pooled.append(masked_mean(hidden, lengths))
+            rows.extend(part_rows)
+        features = torch.cat(pooled)[torch.argsort(torch.as_tensor(rows, device=device))]
+        return self.head(features.to(self.head.weight.dtype))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter and head weights (everything that trains), detached on the CPU."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def parameter_counts(model: LoRAClassifier) -> dict[str, int]:
+    """Trainable (adapters + head), adapter, head and frozen encoder parameter counts."""
+    adapters = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "lora_" in name)
+    head = sum(p.numel() for p in model.head.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable_parameters": adapters + head, "adapter_parameters": adapters, "head_parameters": head,
+            "encoder_parameters": frozen}
+
+
+def modules_without_gradient(model: nn.Module) -> list[str]:
+    """Adapted modules none of whose LoRA parameters got a non-zero gradient (call after a backward pass).
+
+    At initialisation lora_B is zero, so lora_A's first gradient is zero by design; a module is reported
+    only when every one of its adapter parameters has no gradient or an all-zero one.
+    """
+    alive: dict[str, bool] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_" in name:
+            module = name.split(".lora_", 1)[0]
+            got = param.grad is not None and bool(param.grad.detach().ne(0).any())
+            alive[module] = alive.get(module, False) or got
+    return [module for module, ok in alive.items() if not ok]
+
+
+def check_adapter_gradients(model: nn.Module, model_type: str, targets: Sequence[str]) -> None:
+    """Stop with one clear error when some adapters received no gradient in the first step."""
+    dead = modules_without_gradient(model)
+    if not dead:
+        return
+    names = sorted({module.split("model.", 1)[-1] for module in dead})
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    hint = ""
+    if model_type in TARGET_PRESETS:
+        hint = (f"; {model_type} attention reads its projection weights directly, so adapters there cannot "
+                f"train: use --target-modules {','.join(TARGET_PRESETS[model_type])} (the default)")
+    raise DaamkitError(
+        f"LoRA adapters on {shown} received no gradient in the first step (target modules "
+        f"{','.join(targets)}): the model's forward pass does not call these modules{hint}"
+    )
+
+
+def make_optimizer(model: LoRAClassifier, settings: dict) -> torch.optim.Optimizer:
+    """AdamW over adapters + head; with LoRA+ through peft's helper (lora_B at `loraplus_ratio` x the lr)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    if settings["plus"]:
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=settings["lr"],
+                                         loraplus_lr_ratio=settings["loraplus_ratio"],
+                                         loraplus_weight_decay=settings["weight_decay"])
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings["lr"],
+                             weight_decay=settings["weight_decay"])
+
+
+def _label_view(split: DatasetSplit) -> FeatureSplit:
+    """A feature-less `FeatureSplit` of a dataset split, for the shared protocol and accuracy helpers."""
+    return FeatureSplit(split.name, np.empty((len(split), 0, 0), np.float16), np.asarray(split.labels, np.int64),
+                        split.items)
+
+
+def task_plans(data: TaskData, *, seed: int, runs: int, dev_fraction: float
+               ) -> tuple[dict[str, FeatureSplit], list[SplitPlan]]:
+    """Label views of the task's splits and the folds/runs `classify train` plans for a cache of the same data.
+
+    A feature cache keeps the dataset's items in order, so the same seed, runs and dev fraction give the
+    same train/dev/test indices (`plan_splits` reads only the grouping from the cache manifest).
+    """
+    views = {name: _label_view(split) for name, split in data.splits.items()}
+    plans = plan_splits(SimpleNamespace(manifest={"grouping": data.grouping}), views, seed=seed, runs=runs,
+                        dev_fraction=dev_fraction)
+    return views, plans
+
+
+def _batches(indices: np.ndarray, batch_size: int, rng: Optional[np.random.Generator]):
+    order = indices if rng is None else rng.permutation(indices)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class _Job:
+    """Everything one LoRA run needs across its folds/runs: data, encoder, settings, the accelerator."""
+
+    def __init__(self, data: TaskData, views: dict[str, FeatureSplit], encoder: FrozenEncoder, settings: dict,
+                 accelerator, out_dir: Path):
+        self.data, self.views, self.encoder, self.settings = data, views, encoder, settings
+        self.accelerator, self.out_dir = accelerator, out_dir
+        self.splits = data.splits
+        self.model_type = getattr(encoder.config, "model_type", "")
+
+    def predict(self, model: LoRAClassifier, split_name: str, indices: np.ndarray) -> np.ndarray:
+        """float32 logits `[n, classes]` for `indices` of a split, in index order."""
+        split, logits = self.splits[split_name], []
+        model.eval()
+        with torch.no_grad():
+            for batch in _batches(indices, self.settings["batch_size"], None):
+                with self.accelerator.autocast():
+                    out = model(self.encoder.prepare([split.load(int(i)) for i in batch]))
+                logits.append(out.float().cpu().numpy())
+        return np.concatenate(logits)
+
+    def train_split(self, base: nn.Module, plan: SplitPlan) -> tuple[list[dict], dict, nn.Module]:
+        """Train one fold/run; returns (history, test scores of the best dev epoch, the base model back)."""
+        from accelerate.utils import set_seed
+        from peft import LoraConfig, get_peft_model
+
+        s, accelerator = self.settings, self.accelerator
+        set_seed(plan.seed)
+        config = LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=0.0, target_modules=s["target_modules"])
+        try:
+            with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecated
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                adapted = get_peft_model(base, config)
+        except ValueError as err:
+            raise DaamkitError(f"cannot add LoRA adapters to {self.encoder.name}: {str(err).splitlines()[0]}") from err
+        model = LoRAClassifier(adapted, self.encoder.hidden_size, len(self.data.classes))
+        optimizer = make_optimizer(model, s)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=PLATEAU_FACTOR,
+                                                               patience=PLATEAU_PATIENCE)
+        trained, optimizer = accelerator.prepare(model, optimizer)
+        loss_fn = focal_loss if s["loss"] == "focal" else F.cross_entropy
+        train_split = self.splits[plan.train_source]
+        rng = np.random.default_rng(plan.seed)
+        history, best, best_state = [], -1.0, None
+        steps = len(_batches(plan.train, s["batch_size"], None))
+        with progress_bar(f"{plan.name} LoRA", total=s["epochs"] * steps) as bar:
+            for epoch in range(1, s["epochs"] + 1):
+                trained.train()
+                total, seen = 0.0, 0
+                for batch in _batches(plan.train, s["batch_size"], rng):
+                    prepared = self.encoder.prepare([train_split.load(int(i)) for i in batch])
+                    labels = torch.as_tensor(self.views[plan.train_source].labels[batch], device=accelerator.device)
+                    loss = loss_fn(trained(prepared), labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    if epoch == 1 and seen == 0:
+                        check_adapter_gradients(model, self.model_type, s["target_modules"])
+                    total, seen = total + loss.item() * len(batch), seen + len(batch)
+                    bar.advance(epoch=epoch, loss=total / seen, best_dev=max(best, 0.0))
+                dev_logits = self.predict(model, plan.train_source, plan.dev)
+                dev_accuracy = accuracy(dev_logits, plan.dev, self.views[plan.train_source])
+                scheduler.step(dev_accuracy)
+                history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "dev_accuracy": dev_accuracy,
+                                "lr": optimizer.param_groups[0]["lr"]})
+                if dev_accuracy > best:  # first epoch with the highest dev accuracy wins
+                    best, best_epoch, best_state = dev_accuracy, epoch, trainable_state(model)
+        save_checkpoint(split_checkpoint_dir(self.out_dir, plan.name), best_state,
+                        {"lora": {k: s[k] for k in ("rank", "alpha", "target_modules", "plus")},
+                         "split": plan.name, "seed": plan.seed, "best_epoch": best_epoch, "dev_accuracy": best})
+        model.load_state_dict(best_state, strict=False)
+        scores = self._score(model, plan, {"name": plan.name, "dev_accuracy": best, "best_epoch": best_epoch})
+        counts = parameter_counts(model)
+        return history, {**scores, "counts": counts}, adapted.unload()
+
+    def _score(self, model: LoRAClassifier, plan: SplitPlan, base: dict) -> dict:
+        view = self.views[plan.test_source]
+        logits = self.predict(model, plan.test_source, plan.test)
+        scores = {"accuracy": {**base, "accuracy": accuracy(logits, plan.test, view)}}
+        if has_utterances(view):
+            scores["utterance_accuracy"] = {**base, "accuracy": utterance_accuracy(logits, plan.test, view)}
+        return scores
+
+
+def train_lora(
+    task: str,
+    data_dir: str | Path,
+    encoder: str,
+    out_dir: str | Path,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    plus: bool = False,
+    loraplus_ratio: float = DEFAULT_LORAPLUS_RATIO,
+    target_modules: Optional[Sequence[str]] = None,
+    epochs: int = DEFAULT_EPOCHS,
+    lr: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    seed: int = 0,
+    runs: int = 1,
+    dev_fraction: float = DEFAULT_DEV_FRACTION,
+    loss: str = "auto",
+    weight_decay: float = 0.1,
+    max_items: Optional[int] = None,
+    dtype: str = "float32",
+    mixed_precision: str = "auto",
+    cpu: bool = False,
+    overwrite: bool = False,
+    method: Optional[str] = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Fine-tune `encoder` with LoRA (or LoRA+ with `plus`) on `task`; write the run to `out_dir`, return metrics.
+
+    Folds/runs, seeds and dev splits are those `classify train` uses for the same task data (with the same
+    `max_items`, `seed`, `runs` and `dev_fraction`). `target_modules` defaults to the attention query/key
+    projections (WavLM: its feed-forward, see the module docstring).
+    """
+    out_dir = Path(out_dir)
+    _validate(rank, alpha, plus, loraplus_ratio, epochs, lr, batch_size, loss)
+    if (out_dir / METRICS_FILE).exists() and not overwrite:
+        raise DaamkitError(f"{out_dir} already holds a finished run; pass --overwrite or choose another --out")
+    frozen = FrozenEncoder.from_pretrained(encoder, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    data = load_task(task, data_dir, sampling_rate=frozen.sampling_rate or 16000, max_items=max_items)
+    if data.modality != frozen.modality:
+        raise DaamkitError(f"task {task} is {data.modality} data but {frozen.name} is a {frozen.modality} encoder")
+    base = frozen.load()
+    targets = list(target_modules) if target_modules else default_target_modules(base)
+    task_info = {"task": task, "encoder": frozen.name}
+    settings = {
+        "task": task, "data": str(Path(data_dir).resolve()), "encoder": frozen.name, "classes": data.classes,
+        "fingerprint": data.fingerprint, "max_items": max_items, "rank": rank, "alpha": alpha, "plus": plus,
+        "loraplus_ratio": loraplus_ratio if plus else None, "target_modules": targets, "epochs": epochs,
+        "lr": lr if lr is not None else default_lr(task_info),
+        "batch_size": batch_size or default_batch_size(task_info), "weight_decay": weight_decay,
+        "loss": ("focal" if is_speech(task_info) else "ce") if loss == "auto" else loss,
+        "dev_fraction": dev_fraction, "seed": seed, "runs": runs, "dtype": dtype,
+        "mixed_precision": resolve_mixed_precision(mixed_precision),
+        "method": method or f"{'LoRA+' if plus else 'LoRA'} (r={rank})",
+    }
+    views, plans = task_plans(data, seed=seed, runs=runs, dev_fraction=dev_fraction)
+    if overwrite:
+        shutil.rmtree(out_dir / "splits", ignore_errors=True)
+        (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / LORA_FILE, settings)
+    job = _Job(data, views, frozen, settings, make_accelerator(settings["mixed_precision"], cpu=cpu), out_dir)
+    log(f"{settings['method']} on {frozen.name}: adapting {', '.join(targets)}")
+    history, scores = {}, []
+    for plan in plans:
+        history[plan.name], split_scores, base = job.train_split(base, plan)
+        scores.append(split_scores)
+    metrics = _metrics(settings, plans, history, scores)
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
+    log(f"test accuracy {metrics['accuracy']['mean']:.4f} +- {metrics['accuracy']['std']:.4f} "
+        f"over {len(plans)} split(s)")
+    return metrics
+
+
+def _validate(rank, alpha, plus, loraplus_ratio, epochs, lr, batch_size, loss) -> None:
+    if rank < 1 or alpha <= 0:
+        raise DaamkitError(f"--rank must be at least 1 and --alpha positive, got {rank} and {alpha}")
+    if plus and loraplus_ratio < 1:
+        raise DaamkitError(f"--loraplus-ratio must be at least 1 (lr of B / lr of A), got {loraplus_ratio}")
+    if epochs < 1:
+        raise DaamkitError(f"--epochs must be at least 1, got {epochs}")
+    if lr is not None and lr <= 0 or batch_size is not None and batch_size < 1:
+        raise DaamkitError("--lr must be positive and --batch-size at least 1")
+    if loss not in LOSSES:
+        raise DaamkitError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+
+def _metrics(settings: dict, plans: list[SplitPlan], history: dict, scores: list[dict]) -> dict[str, Any]:
+    """metrics.json in the shape of `classify train` (accuracy blocks, method, task, encoder) plus LoRA details."""
+    metrics: dict[str, Any] = {"accuracy": accuracy_block([s["accuracy"] for s in scores])}
+    if "utterance_accuracy" in scores[0]:
+        metrics["utterance_accuracy"] = accuracy_block([s["utterance_accuracy"] for s in scores])
+    metrics.update({
+        "method": settings["method"],
+        "decoder": None,
+        "task": settings["task"],
+        "encoder": settings["encoder"],
+        "layers": None,
+        "seeds": [plan.seed for plan in plans],
+        "epochs": settings["epochs"],
+        "attention_parameters": None,
+        **scores[0]["counts"],
+        "lora": {key: settings[key] for key in ("rank", "alpha", "plus", "loraplus_ratio", "target_modules", "lr")},
+        "history": history,
+    })
+    return metrics

@@ -1,0 +1,358 @@
+"""The VQ-VAE training loop on Hugging Face Accelerate (CPU, one GPU, or DDP via `accelerate launch`).
+
+Run layout: `OUT/checkpoints/{last,best}/` (safetensors weights + config.json + state.pt),
+`OUT/tb/` (TensorBoard) and `OUT/samples/*.png`. Resuming restores weights, optimizer, schedule, RNG and
+the data position, so k steps + resume to N equals N uninterrupted steps. Ctrl-C (or SIGTERM) finishes
+the current step and saves `last`; a non-finite loss stops the run before it can touch the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from daamkit.common.checkpoint import load_config, load_state_dict_strict, load_training_state, load_weights, save_checkpoint
+from daamkit.common.errors import DaamkitError
+from daamkit.common.progress import log, progress_bar, set_quiet
+from daamkit.vqvae.config import TrainConfig, VQVAEConfig, checkpoint_config, parse_checkpoint_config
+from daamkit.vqvae.data import CropDataset, StepBatchSampler, sample_photos, to_tensor, training_splits, to_uint8
+from daamkit.vqvae.evaluate import evaluate_model, image_grid, side_by_side
+from daamkit.vqvae.io import save_png
+from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, reconstruction_loss
+from daamkit.vqvae.metrics import psnr_per_image
+from daamkit.vqvae.model import VQVAE
+from daamkit.vqvae.quantizer import codebook_usage_and_perplexity
+
+# Options that may change when a run is resumed; every other option must match the saved run.
+RESUME_ADJUSTABLE = {"steps", "log_every", "eval_every", "val_images", "num_workers", "compile"}
+GRID_IMAGES = 8
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def last(self) -> Path:
+        return self.root / "checkpoints" / "last"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "checkpoints" / "best"
+
+    @property
+    def tb(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+
+@dataclass
+class TrainResult:
+    status: str                      # "completed" or "interrupted"
+    step: int
+    best_psnr: float | None
+    metrics: dict | None             # validation metrics at the last evaluation of this run
+    paths: RunPaths
+
+
+class WarmupCosine:
+    """LR factor: linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total` steps."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float):
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag so the loop can finish its step and save; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("stop requested: saving a checkpoint after this step (Ctrl-C again aborts without saving)")
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def saved_run_configs(out_dir: str | Path) -> tuple[VQVAEConfig, TrainConfig]:
+    """Model and training configs of the run in `out_dir` (its `checkpoints/last`), for `--resume`."""
+    last = RunPaths(Path(out_dir)).last
+    if not last.is_dir():
+        raise DaamkitError(f"--resume: no checkpoint at {last}; train without --resume first")
+    model_config, train_config = parse_checkpoint_config(load_config(last), str(last))
+    if train_config is None:
+        raise DaamkitError(f"--resume: {last} has no training config to resume")
+    return model_config, train_config
+
+
+def _param_groups(model: VQVAE, weight_decay: float) -> list[dict]:
+    """Weight decay on conv kernels only; biases, norms, DAAM parameters and the codebook are exempt."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 and not name.startswith("quantizer.") else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _prepare_out_dir(paths: RunPaths, resume: bool, overwrite: bool) -> None:
+    if resume:
+        return
+    if paths.last.exists():
+        if not overwrite:
+            raise DaamkitError(f"{paths.root} already holds a run; pass --resume to continue it, "
+                               "--overwrite to start over, or another --out")
+        for folder in (paths.root / "checkpoints", paths.tb, paths.samples):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class Trainer:
+    """One training run; `run()` drives the loop. Built by `train()`."""
+
+    def __init__(self, model_config: VQVAEConfig, config: TrainConfig, out_dir: str | Path, resume: bool):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise DaamkitError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        if config.perceptual_weight > 0 and config.image_size < LPIPS_MIN_SIZE:
+            raise DaamkitError(f"--perceptual-weight > 0 needs --image-size >= {LPIPS_MIN_SIZE} (the LPIPS trunk "
+                               "down-samples 32x)")
+        self.model_config, self.config, self.paths = model_config, config, RunPaths(Path(out_dir))
+        self.lpips = load_lpips(config.lpips_net) if config.perceptual_weight > 0 else None
+        # Without a GPU, cpu=True lets torchrun / `accelerate launch` start a gloo process group (DDP on CPU).
+        no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=no_accelerator)
+        self.is_main = self.accelerator.is_main_process
+        if not self.is_main:
+            set_quiet(True)
+        self.splits = training_splits(config.data, config.image_size, config.seed)
+        set_seed(config.seed)
+        device = self.accelerator.device
+        model = VQVAE(model_config).to(device)
+        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.99))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+        self.step, self.best_psnr, self.stop_agreed = 0, None, False
+        if resume:
+            self._restore(model, optimizer)
+        if self.lpips is not None:
+            self.lpips = self.lpips.to(device)
+        if config.compile:
+            model.encoder.compile()
+            model.decoder.compile()
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.raw_model: VQVAE = model
+        self.writer = None
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.step if resume else None)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _restore(self, model: VQVAE, optimizer: torch.optim.Optimizer) -> None:
+        last = self.paths.last
+        load_state_dict_strict(model, load_weights(last), str(last))
+        state = load_training_state(last)
+        if state is None:
+            raise DaamkitError(f"--resume: {last} has no training state ({last / 'state.pt'} is missing)")
+        optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.lr_lambdas[0].total = self.config.steps  # --steps may be extended on resume
+        self.step, self.best_psnr = int(state["step"]), state["best_psnr"]
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        log(f"resumed {self.paths.root} at step {self.step}")
+
+    def _save(self, directory: Path) -> None:
+        state = {
+            "step": self.step,
+            "best_psnr": self.best_psnr,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else {},
+        }
+        save_checkpoint(directory, self.raw_model.state_dict(), checkpoint_config(self.model_config, self.config), state)
+
+    def _save_last(self) -> None:
+        if self.is_main:
+            self._save(self.paths.last)
+        self.accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------------------------- one step
+    def _train_step(self, images: torch.Tensor, stop: _StopRequest) -> dict[str, float]:
+        """Forward, finite check (agreed across processes, with the stop flag), backward, clip, step."""
+        self.model.train()
+        with self.accelerator.autocast():
+            out = self.model(images)
+            recon_loss = reconstruction_loss(self.config.recon_loss, out.reconstruction, images)
+            loss = recon_loss + out.quant.loss
+            perceptual = None
+            if self.lpips is not None:
+                perceptual = self.lpips(out.reconstruction.float(), images).mean()
+                loss = loss + self.config.perceptual_weight * perceptual
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop.requested), device=loss.device)])
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, "sum")
+        self.stop_agreed = bool(flags[1] > 0)  # every process stops after the same step
+        if flags[0] > 0:
+            raise DaamkitError(self._non_finite_message(loss.item()))
+        self.accelerator.backward(loss)
+        grad_norm = None
+        if self.config.grad_clip > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        usage, perplexity = codebook_usage_and_perplexity(out.quant.counts)
+        stats = {
+            "loss": loss.item(), "recon": recon_loss.item(), "commitment": out.quant.commitment.item(),
+            "psnr": psnr_per_image(out.reconstruction, images).mean().item(),
+            "usage": usage, "perplexity": perplexity, "lr": self.scheduler.get_last_lr()[0],
+        }
+        if perceptual is not None:
+            stats["perceptual"] = perceptual.item()
+        if grad_norm is not None:
+            stats["grad_norm"] = float(grad_norm)
+        return stats
+
+    def _non_finite_message(self, value: float) -> str:
+        where = (f"the last good checkpoint is {self.paths.last} (resume with --resume)"
+                 if self.paths.last.is_dir() else "no checkpoint had been written yet")
+        return (f"loss became {value} at step {self.step + 1}; training stopped and this step was not saved; "
+                f"{where}; try a lower --lr or --mixed-precision no")
+
+    # ---------------------------------------------------------------------------------- logging
+    def _log_train(self, stats: dict[str, float]) -> None:
+        names = {"loss": "train/loss", "recon": "train/recon", "commitment": "train/commitment",
+                 "perceptual": "train/perceptual", "psnr": "train/psnr", "grad_norm": "train/grad_norm",
+                 "usage": "codebook/batch_usage", "perplexity": "codebook/batch_perplexity", "lr": "lr"}
+        for key, value in stats.items():
+            self.writer.add_scalar(names[key], value, self.step)
+
+    def _validate(self) -> dict:
+        """Validation metrics, TensorBoard images/histograms, a samples PNG, and the `last`/`best` checkpoints."""
+        result = None
+        if self.is_main:
+            result = evaluate_model(self.raw_model, self.splits.val, self.accelerator.device,
+                                    batch_size=self.config.batch_size, lpips_model=self.lpips,
+                                    max_images=self.config.val_images, show_progress=False)
+            for key, value in result.metrics.items():
+                if value is not None and key != "num_images":
+                    self.writer.add_scalar(f"val/{key}", value, self.step)
+            grid = image_grid([result.originals[:GRID_IMAGES], result.reconstructions[:GRID_IMAGES]])
+            self.writer.add_image("val/originals_vs_reconstructions", grid, self.step, dataformats="HWC")
+            save_png(self.paths.samples / f"step_{self.step:06d}.png", grid)
+            for name, param in self.raw_model.daam_parameters().items():
+                self.writer.add_histogram(f"daam/{name}", param.detach().float().cpu(), self.step)
+            self.writer.flush()
+            psnr = result.metrics["psnr"]
+            improved = self.best_psnr is None or psnr > self.best_psnr
+            if improved:
+                self.best_psnr = psnr
+            self._save(self.paths.last)
+            if improved:
+                self._save(self.paths.best)
+        self.accelerator.wait_for_everyone()
+        return result.metrics if result else None
+
+    def _final_pictures(self) -> None:
+        """`samples/final.png` (held-out crops) and, on the sample photos, one whole photo reconstructed."""
+        last = self.paths.samples / f"step_{self.step:06d}.png"
+        if last.is_file():
+            shutil.copyfile(last, self.paths.samples / "final.png")
+        if self.config.data != "samples":
+            return
+        factor = self.model_config.downsample_factor
+        name, photo = sample_photos(self.config.image_size)[0]
+        photo = photo[: photo.shape[0] - photo.shape[0] % factor, : photo.shape[1] - photo.shape[1] % factor]
+        self.raw_model.eval()
+        with torch.no_grad():
+            image = to_tensor(photo).unsqueeze(0).to(self.accelerator.device)
+            recon = self.raw_model(image).reconstruction
+        save_png(self.paths.samples / f"{name}_full.png", side_by_side(to_uint8(image)[0], to_uint8(recon)[0]))
+
+    # ---------------------------------------------------------------------------------- loop
+    def _loader(self, dataset: CropDataset) -> DataLoader:
+        sampler = StepBatchSampler(len(dataset), self.config.batch_size, self.config.seed, self.step,
+                                   self.accelerator.process_index, self.accelerator.num_processes)
+        # An own generator keeps the loader from drawing on the global RNG (saved for exact resume).
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
+                          pin_memory=self.accelerator.device.type == "cuda", generator=torch.Generator())
+
+    def run(self) -> TrainResult:
+        config = self.config
+        log(f"training on {self.splits.description}; {self.raw_model.num_parameters():,} parameters, "
+            f"attention={self.model_config.attention}, device={self.accelerator.device}, "
+            f"processes={self.accelerator.num_processes}")
+        status, metrics, evaluated_at = "completed", None, None
+        batches = iter(self._loader(self.splits.train))
+        try:
+            with _StopRequest() as stop, progress_bar("training", total=config.steps, completed=self.step) as task:
+                while self.step < config.steps:
+                    images = next(batches).to(self.accelerator.device, non_blocking=True)
+                    stats = self._train_step(images, stop)
+                    self.step += 1
+                    if self.writer is not None and (self.step % config.log_every == 0 or self.step == 1):
+                        self._log_train(stats)
+                    task.advance(loss=stats["loss"], psnr=stats["psnr"])
+                    if self.step % config.eval_every == 0 or self.step == config.steps:
+                        metrics, evaluated_at = self._validate(), self.step
+                    if self.stop_agreed:
+                        self._save_last()
+                        status = "interrupted"
+                        break
+            if status == "completed" and evaluated_at != self.step:  # resumed at/after the final step
+                metrics = self._validate()
+            if self.is_main and status == "completed":
+                self._final_pictures()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return TrainResult(status, self.step, self.best_psnr, metrics, self.paths)
+
+
+def train(model_config: VQVAEConfig, config: TrainConfig, out_dir: str | Path, resume: bool = False,
+          overwrite: bool = False) -> TrainResult:
+    """Train (or with `resume`, continue) a VQ-VAE run in `out_dir`; returns how it ended."""
+    if config.image_size % model_config.downsample_factor:
+        raise DaamkitError(f"--image-size {config.image_size} must be a multiple of {model_config.downsample_factor} "
+                           f"(2^num-downsamples)")
+    paths = RunPaths(Path(out_dir))
+    _prepare_out_dir(paths, resume, overwrite)
+    if resume:
+        saved_model, _ = saved_run_configs(out_dir)
+        if saved_model != model_config:
+            raise DaamkitError(f"--resume: the model options differ from the run saved in {paths.last}")
+    return Trainer(model_config, config, out_dir, resume).run()

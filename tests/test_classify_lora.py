@@ -1,0 +1,142 @@
+"""LoRA / LoRA+ baselines on tiny random encoders: only adapters and head train, dead adapters are caught,
+the protocol and metrics.json match `classify train`, CLI errors are one line."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from daamkit.classify import lora
+from daamkit.classify.encoders import FrozenEncoder
+from daamkit.classify.lora import default_target_modules, train_lora
+from daamkit.classify.report import build_report
+from daamkit.cli.main import app
+from daamkit.common import progress
+from daamkit.common.checkpoint import load_weights
+from daamkit.common.errors import DaamkitError
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    """No progress output, restored afterwards (a module-level set_quiet would leak into other test files)."""
+    monkeypatch.setattr(progress, "_quiet", True)
+
+
+def _capture_base(monkeypatch) -> list:
+    """Record the encoder model `train_lora` loads (the object adapters are injected into and removed from)."""
+    loaded = []
+    original = FrozenEncoder.load
+
+    def load(self):
+        loaded.append(original(self))
+        return loaded[-1]
+
+    monkeypatch.setattr(FrozenEncoder, "load", load)
+    return loaded
+
+
+def test_lora_changes_only_adapter_and_head_weights(tmp_path, agnews_dir, tiny_bert, monkeypatch):
+    loaded = _capture_base(monkeypatch)
+    before = {k: v.clone() for k, v in FrozenEncoder.from_pretrained(str(tiny_bert), device="cpu").load()
+              .state_dict().items()}
+    metrics = train_lora("agnews", agnews_dir, str(tiny_bert), tmp_path / "run", rank=4, epochs=2, lr=1e-2)
+    after = loaded[0].state_dict()
+    assert after.keys() == before.keys()  # adapters were removed again after the run
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the encoder's own weights never moved
+
+    weights = load_weights(tmp_path / "run" / "splits" / "run1" / "best")
+    assert weights and all("lora_" in k or k.startswith("head.") for k in weights)
+    adapted = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in weights if "lora_" in k}
+    assert adapted == {"query", "key"} and metrics["lora"]["target_modules"] == ["query", "key"]
+    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in weights.items())
+    adapter_count = sum(v.numel() for k, v in weights.items() if "lora_" in k)
+    # 3 layers x 2 modules x rank 4 x (24 in + 24 out); head 24 x 4 classes + 4
+    assert metrics["adapter_parameters"] == adapter_count == 3 * 2 * 4 * 48
+    assert metrics["trainable_parameters"] == adapter_count + 24 * 4 + 4
+    assert metrics["encoder_parameters"] == sum(v.numel() for v in before.values())
+
+    block = metrics["accuracy"]
+    assert [e["name"] for e in block["per_split"]] == ["run1"]
+    assert set(block["per_split"][0]) == {"name", "accuracy", "dev_accuracy", "best_epoch"}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    row = build_report([tmp_path / "run"])["tables"][0]["rows"][0]
+    assert row["method"] == "LoRA (r=4)" and row["trainable_parameters"] == metrics["trainable_parameters"]
+    with pytest.raises(DaamkitError, match="already holds a finished run"):
+        train_lora("agnews", agnews_dir, str(tiny_bert), tmp_path / "run", rank=4, epochs=1)
+
+
+def test_loraplus_uses_peft_helper_with_the_ratio(tmp_path, agnews_dir, tiny_llama, monkeypatch):
+    from peft.optimizers import create_loraplus_optimizer
+
+    calls = []
+
+    def spy(model, optimizer_cls, **kwargs):
+        calls.append(kwargs)
+        return create_loraplus_optimizer(model, optimizer_cls, **kwargs)
+
+    monkeypatch.setattr("peft.optimizers.create_loraplus_optimizer", spy)
+    metrics = train_lora("agnews", agnews_dir, str(tiny_llama), tmp_path / "plus", rank=2, plus=True,
+                         loraplus_ratio=8.0, epochs=1, runs=2)
+    assert [c["loraplus_lr_ratio"] for c in calls] == [8.0, 8.0] and calls[0]["lr"] == 5e-5  # Llama default lr
+    assert metrics["method"] == "LoRA+ (r=2)" and metrics["lora"]["target_modules"] == ["q_proj", "k_proj"]
+    assert [e["name"] for e in metrics["accuracy"]["per_split"]] == ["run1", "run2"] and metrics["seeds"] == [0, 1]
+
+
+def test_wavlm_query_key_adapters_get_no_gradient_and_are_refused(tmp_path, audio_folder_dir, tiny_wavlm):
+    with pytest.raises(DaamkitError, match=r"q_proj.*no gradient.*--target-modules intermediate_dense,output_dense"):
+        train_lora("audio-folder", audio_folder_dir, str(tiny_wavlm), tmp_path / "qk", rank=2, epochs=1,
+                   target_modules=["q_proj", "k_proj"])
+    assert not (tmp_path / "qk" / "metrics.json").exists()
+
+
+def test_wavlm_default_targets_train_on_iemocap_folds(tmp_path, iemocap_dir, tiny_wavlm):
+    base = FrozenEncoder.from_pretrained(str(tiny_wavlm), device="cpu").load()
+    assert default_target_modules(base) == ["intermediate_dense", "output_dense"]
+    metrics = train_lora("iemocap", iemocap_dir, str(tiny_wavlm), tmp_path / "iemocap", rank=2, epochs=1,
+                         batch_size=4, max_items=15)
+    for key in ("accuracy", "utterance_accuracy"):
+        assert [e["name"] for e in metrics[key]["per_split"]] == [f"Session{s}" for s in range(1, 6)]
+    assert metrics["adapter_parameters"] == 2 * 2 * 2 * (32 + 64)  # 2 layers x 2 modules x r=2 x (in + out)
+
+
+def test_lora_uses_the_same_folds_and_dev_splits_as_classify_train(tmp_path, iemocap_dir, tiny_wavlm):
+    from daamkit.classify.datasets import load_task
+    from daamkit.classify.experiment import open_sources, plan_splits
+    from daamkit.classify.extract import extract_features
+    from daamkit.classify.feature_cache import FeatureCache
+
+    extract_features("iemocap", iemocap_dir, str(tiny_wavlm), tmp_path / "cache", device="cpu", max_items=15)
+    cache = FeatureCache.open(tmp_path / "cache")
+    expected = plan_splits(cache, open_sources(cache), seed=4, runs=1, dev_fraction=0.2)
+    _, plans = lora.task_plans(load_task("iemocap", iemocap_dir, max_items=15), seed=4, runs=1, dev_fraction=0.2)
+    assert [p.name for p in plans] == [p.name for p in expected] == [f"Session{s}" for s in range(1, 6)]
+    for got, want in zip(plans, expected):
+        assert got.seed == want.seed
+        for part in ("train", "dev", "test"):
+            assert getattr(got, part).tolist() == getattr(want, part).tolist()
+
+
+def test_modules_without_gradient_ignores_the_zero_first_gradient_of_lora_a():
+    from peft import LoraConfig, get_peft_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["0", "1"]))
+    adapted(torch.randn(3, 4)).sum().backward()  # lora_A grads are zero (lora_B starts at zero)
+    assert lora.modules_without_gradient(adapted) == []
+    for param in adapted.parameters():
+        param.grad = None
+    assert len(lora.modules_without_gradient(adapted)) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rank", "0"], "--rank must be at least 1"),
+    (["--plus", "--loraplus-ratio", "0.5"], "--loraplus-ratio must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_cli_lora_errors_are_one_line(tmp_path, agnews_dir, tiny_bert, args, message):
+    result = runner.invoke(app, ["classify", "lora", "--task", "agnews", "--data", str(agnews_dir), "--encoder",
+                                 str(tiny_bert), "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

@@ -1,0 +1,217 @@
+"""Training runs end to end on tiny caches: metrics.json, honest dev selection, evaluate, importance, report, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from classify_caches import one_torch_thread, write_session_cache, write_train_test_cache  # noqa: F401
+from daamkit.classify.batches import FeatureBatches
+from daamkit.classify.evaluation import evaluate_run
+from daamkit.classify.importance import importance_run
+from daamkit.classify.report import build_report, render_report
+from daamkit.classify.training import focal_loss, train_decoder
+from daamkit.cli.main import app
+from daamkit.common.checkpoint import load_weights
+from daamkit.common.errors import DaamkitError
+from daamkit.common.progress import set_quiet
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_progress():
+    """No progress bars in this module; restored afterwards so other modules still see their logs."""
+    set_quiet(True)
+    yield
+    set_quiet(False)
+
+
+@pytest.fixture(scope="module")
+def session_cache(tmp_path_factory):
+    return write_session_cache(tmp_path_factory.mktemp("iemocap") / "cache")
+
+
+@pytest.fixture(scope="module")
+def session_run(session_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "daam"
+    return out, train_decoder(session_cache, "daam-v1", out, epochs=3, heads=2, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def agnews_cache(tmp_path_factory):
+    return write_train_test_cache(tmp_path_factory.mktemp("agnews") / "cache", num_train=48)
+
+
+@pytest.fixture(scope="module")
+def agnews_run(agnews_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mha"
+    return out, train_decoder(agnews_cache, "mha", out, epochs=2, runs=2, layers="2-4", heads=4)
+
+
+def test_session_metrics_json_shape(session_run):
+    out, metrics = session_run
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for key in ("accuracy", "utterance_accuracy"):
+        block = metrics[key]
+        assert [e["name"] for e in block["per_split"]] == [f"Session{s}" for s in range(1, 6)]
+        accs = [e["accuracy"] for e in block["per_split"]]
+        assert block["mean"] == pytest.approx(np.mean(accs)) and block["std"] == pytest.approx(np.std(accs))
+        for entry in block["per_split"]:
+            assert set(entry) == {"name", "accuracy", "dev_accuracy", "best_epoch"}
+            assert 1 <= entry["best_epoch"] <= 3 and 0.0 <= entry["dev_accuracy"] <= 1.0
+    assert metrics["accuracy"]["mean"] > 0.5  # the synthetic classes are separable
+    assert metrics["attention_parameters"] == 2 * 2 * 16
+    assert metrics["decoder"] == "daam-v1" and metrics["task"] == "iemocap" and metrics["epochs"] == 3
+    ranges = metrics["gaussian_parameters"]
+    assert ranges["mean_offset"]["min"] < 0 < ranges["mean_offset"]["max"]
+    assert ranges["scaled_variance"]["min"] < 2.0 < ranges["scaled_variance"]["max"]
+    for s in range(1, 6):
+        assert (out / "splits" / f"Session{s}" / "best" / "model.safetensors").is_file()
+    assert any((out / "tensorboard" / "Session1").iterdir())
+
+
+def test_best_epoch_is_the_first_epoch_with_the_highest_dev_accuracy(session_run):
+    _, metrics = session_run
+    for entry in metrics["accuracy"]["per_split"]:
+        dev = [record["dev_accuracy"] for record in metrics["history"][entry["name"]]]
+        assert entry["best_epoch"] == int(np.argmax(dev)) + 1 and entry["dev_accuracy"] == max(dev)
+
+
+def test_model_selection_never_sees_the_test_session(session_cache, session_run, tmp_path):
+    """Replace Session1's features and labels with noise: fold Session1 must train and select identically."""
+    out, metrics = session_run
+    changed = tmp_path / "cache"
+    changed.mkdir()
+    for path in session_cache.rglob("*"):
+        if path.is_file():
+            target = changed / path.relative_to(session_cache)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    items = json.loads((changed / "all" / "items.json").read_text())
+    session1 = np.asarray([item["group"] == "Session1" for item in items])
+    features = np.load(changed / "all" / "features.npy", mmap_mode="r+")
+    features[session1] = np.random.default_rng(9).normal(size=features[session1].shape) * 3
+    features.flush()
+    labels = np.load(changed / "all" / "labels.npy")
+    labels[session1] = (labels[session1] + 1) % 4
+    np.save(changed / "all" / "labels.npy", labels)
+
+    again = train_decoder(changed, "daam-v1", tmp_path / "run", epochs=3, heads=2, batch_size=16)
+    assert again["history"]["Session1"] == metrics["history"]["Session1"]
+    first, second = (load_weights(d / "splits" / "Session1" / "best") for d in (out, tmp_path / "run"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert again["history"]["Session2"] != metrics["history"]["Session2"]  # Session1 does train fold 2
+
+
+def test_evaluate_rescores_to_the_saved_test_accuracy(session_run, agnews_run):
+    for out, metrics in (session_run, agnews_run):
+        result = evaluate_run(out)
+        assert result["accuracy"] == metrics["accuracy"]
+        assert result.get("utterance_accuracy") == metrics.get("utterance_accuracy")
+
+
+def test_mixed_precision_run_then_float32_evaluation_in_one_process(agnews_cache, tmp_path):
+    metrics = train_decoder(agnews_cache, "daam-v2", tmp_path / "bf16", epochs=1, mixed_precision="bf16")
+    assert json.loads((tmp_path / "bf16" / "run.json").read_text())["mixed_precision"] == "bf16"
+    assert evaluate_run(tmp_path / "bf16", mixed_precision="bf16")["accuracy"] == metrics["accuracy"]
+    assert 0.0 <= evaluate_run(tmp_path / "bf16", mixed_precision="no")["accuracy"]["mean"] <= 1.0
+
+
+def test_runs_and_layer_subsets(agnews_run):
+    out, metrics = agnews_run
+    assert [e["name"] for e in metrics["accuracy"]["per_split"]] == ["run1", "run2"]
+    assert metrics["seeds"] == [0, 1] and metrics["layers"] == [2, 3, 4]
+    assert metrics["method"] == "mha [layers 2-4]"
+    assert "utterance_accuracy" not in metrics and "gaussian_parameters" not in metrics
+    assert json.loads((out / "run.json").read_text())["layer_positions"] == [1, 2, 3]
+    assert not (out / "importance").exists()
+    with pytest.raises(DaamkitError, match="no density gates"):
+        importance_run(out)
+
+
+def test_importance_outputs_written_after_training_and_on_demand(session_run):
+    out, _ = session_run
+    folder = out / "importance"
+    summary = json.loads((folder / "importance.json").read_text())
+    assert sorted(summary["ranked_layers"]) == list(range(1, 9))
+    assert sum(summary["layer_share"].values()) == pytest.approx(1.0)
+    matrix = np.load(folder / "if_matrix.npy")
+    assert matrix.shape == (8, 16) and matrix.min() == 0.0 and matrix.max() == pytest.approx(1.0)
+    for name in ("importance_heatmap.png", "importance_layers.png"):
+        assert (folder / name).read_bytes()[:4] == b"\x89PNG"
+    assert any((out / "tensorboard" / "importance").iterdir())
+    (folder / "importance.json").unlink()
+    assert importance_run(out)["ranked_layers"] == summary["ranked_layers"]
+    assert summary["items"] > 0
+
+
+def test_report_markdown_and_json(session_run, agnews_run):
+    dirs = [session_run[0], agnews_run[0]]
+    report = build_report(dirs)
+    metrics = [(t["task"], t["metric"]) for t in report["tables"]]
+    assert metrics == [("iemocap", "accuracy"), ("iemocap", "utterance_accuracy"), ("agnews", "accuracy")]
+    assert report["tables"][0]["columns"] == [f"Session{s}" for s in range(1, 6)]
+    assert [row["method"] for row in report["gaussian_parameters"]] == ["daam-v1"]
+    text = render_report(dirs, "markdown")
+    acc = session_run[1]["accuracy"]
+    assert "| daam-v1 | 64 |" in text and f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}" in text
+    assert "| Method | Attention params | Trainable params | run1 | run2 | Mean ± std |" in text
+    assert "Learned Gaussian parameters" in text
+    assert json.loads(render_report(dirs, "json")) == report
+
+
+def test_focal_loss_matches_its_formula():
+    logits, target = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]]), torch.tensor([0, 2])
+    p = torch.softmax(logits, -1)[torch.arange(2), target]
+    assert focal_loss(logits, target) == pytest.approx((-0.25 * (1 - p) ** 2.5 * p.log()).mean().item())
+
+
+def test_feature_batches_cover_every_item_once_in_float32(agnews_cache):
+    features = np.load(agnews_cache / "train" / "features.npy", mmap_mode="r")
+    labels = np.load(agnews_cache / "train" / "labels.npy")
+    subset = np.arange(3, 40)
+    seen = []
+    for x, y, idx in FeatureBatches(features, labels, subset, 8, layers=[1, 3], seed=0):
+        assert x.dtype == torch.float32 and x.shape[1:] == (2, 16)
+        assert torch.equal(x, torch.from_numpy(features[idx.numpy()][:, [1, 3]].astype(np.float32)))
+        assert torch.equal(y, torch.from_numpy(labels[idx.numpy()]))
+        seen.extend(idx.tolist())
+    assert sorted(seen) == subset.tolist() and seen != subset.tolist()  # shuffled across batches
+
+
+def test_cli_train_evaluate_report_and_errors(agnews_cache, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["classify", "train", "--features", str(agnews_cache), "--decoder", "daam-v2",
+                                 "--out", str(out), "--epochs", "1", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["attention_parameters"] == 32
+    result = runner.invoke(app, ["classify", "evaluate", str(out), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["accuracy"]["per_split"][0]["name"] == "run1"
+    result = runner.invoke(app, ["classify", "report", str(out), "--format", "json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["tables"][0]["rows"][0]["method"] == "daam-v2"
+    run_file = out / "run.json"
+    run_file.write_text(run_file.read_text().replace(str(agnews_cache.resolve()), str(tmp_path / "moved")))
+    result = runner.invoke(app, ["classify", "evaluate", str(out), "--features", str(agnews_cache), "--json"])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "train.toml"
+    config.write_text(f'features = "{agnews_cache}"\ndecoder = "gqa"\nepochs = 0\n')
+    for args, message in [
+        (["train", "--features", str(agnews_cache), "--decoder", "daam-v2", "--out", str(out)], "already holds"),
+        (["train", "--features", str(tmp_path), "--decoder", "mha", "--out", str(tmp_path / "x")], "not a feature cache"),
+        (["train", "--features", str(agnews_cache), "--decoder", "daam-v1", "--out", str(tmp_path / "x")],
+         "splits the 4 encoder layer"),
+        (["train", "--config", str(config), "--out", str(tmp_path / "x")], "--epochs must be at least 1"),
+        (["train", "--config", str(config)], "--out is required"),
+        (["evaluate", str(tmp_path)], "not a training run folder"),
+        (["evaluate", str(out)], "is gone; pass --features"),
+        (["importance", str(out), "--features", str(tmp_path)], "not a feature cache"),
+        (["report", str(tmp_path)], "not a finished run"),
+        (["report", str(out), "--format", "html"], "--format must be one of"),
+    ]:
+        result = runner.invoke(app, ["classify", *args])
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
