@@ -111,10 +111,6 @@ def test_gradcheck_float64():
     daam = _randomise(DensityAdaptiveAttention(2, 3, norm_axis=1, feature_axis=-1)).double()
     x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
 
-    def daam_fn(inp, offset, c):
-        daam.mean_offset.data, daam.c.data = offset, c
-        return daam(inp)
-
     params = [daam.mean_offset.detach().clone().requires_grad_(), daam.c.detach().clone().requires_grad_()]
     assert torch.autograd.gradcheck(lambda i, o, c: torch.func.functional_call(
         daam, {"mean_offset": o, "c": c}, (i,)), (x, *params))

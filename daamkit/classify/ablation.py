@@ -16,7 +16,7 @@ from typing import Optional
 from daamkit.classify.experiment import METRICS_FILE, load_run
 from daamkit.classify.importance import IMPORTANCE_DIR
 from daamkit.classify.training import train_decoder
-from daamkit.common.checkpoint import atomic_write_json
+from daamkit.common.checkpoint import atomic_write_json, read_json
 from daamkit.common.errors import DaamkitError
 from daamkit.common.progress import log
 
@@ -53,7 +53,7 @@ def _train_or_reuse(features: Path, run: dict, out: Path, layers: list[int], lab
     """metrics.json of the decoder trained on `layers` in `out` (trained now unless it already finished)."""
     path = out / METRICS_FILE
     if path.is_file():
-        metrics = json.loads(path.read_text())
+        metrics = read_json(path)
         if metrics.get("layers") != layers:
             raise DaamkitError(
                 f"{out} already holds a run on layers {metrics.get('layers')}, not {layers} (the IF ranking "

@@ -4,7 +4,6 @@ the device, and `run.json`, from which a finished run can be rebuilt exactly.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +13,7 @@ import torch
 
 from daamkit.classify.feature_cache import FeatureCache, FeatureSplit
 from daamkit.classify.protocol import SplitPlan, leave_one_group_out, repeated_runs
+from daamkit.common.checkpoint import read_json
 from daamkit.common.errors import DaamkitError
 
 RUN_FILE = "run.json"
@@ -122,13 +122,7 @@ def split_checkpoint_dir(run_dir: Path, split_name: str) -> Path:
 def load_run(run_dir: str | Path, features_dir: Optional[str | Path] = None) -> RunContext:
     """Rebuild a finished run: its settings, its cache (or `features_dir`, which must match) and its splits."""
     run_dir = Path(run_dir)
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        raise DaamkitError(f"{run_dir} is not a training run folder ({RUN_FILE} is missing)")
-    try:
-        run = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DaamkitError(f"{path} is not valid JSON: {err}") from err
+    run = read_json(run_dir / RUN_FILE, f"{run_dir} is not a training run folder ({RUN_FILE} is missing)")
     if features_dir is None and not Path(run["features"]).is_dir():
         raise DaamkitError(f"the feature cache of run {run_dir} ({run['features']}) is gone; pass --features DIR")
     cache = FeatureCache.open(features_dir if features_dir is not None else run["features"])

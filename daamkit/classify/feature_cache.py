@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from daamkit.common.checkpoint import atomic_write_json
+from daamkit.common.checkpoint import atomic_write_json, read_json
 from daamkit.common.errors import DaamkitError
 
 FORMAT_VERSION = 1
@@ -64,10 +64,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DaamkitError(f"{path} is not valid JSON: {err}") from err
+    manifest = read_json(path)
     if manifest.get("version") != FORMAT_VERSION:
         raise DaamkitError(f"{path} has format version {manifest.get('version')!r}; expected {FORMAT_VERSION}")
     return manifest

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from daamkit.classify.experiment import METRICS_FILE
+from daamkit.common.checkpoint import read_json
 from daamkit.common.errors import DaamkitError
 
 METRICS = ("accuracy", "utterance_accuracy")
@@ -23,12 +24,7 @@ FORMATS = ("markdown", "json")
 
 def _read_metrics(run_dir: Path) -> dict:
     path = run_dir / METRICS_FILE
-    if not path.is_file():
-        raise DaamkitError(f"{run_dir} is not a finished run ({METRICS_FILE} is missing)")
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DaamkitError(f"{path} is not valid JSON: {err}") from err
+    metrics = read_json(path, f"{run_dir} is not a finished run ({METRICS_FILE} is missing)")
     if not isinstance(metrics.get("accuracy"), dict) or "per_split" not in metrics["accuracy"]:
         raise DaamkitError(f"{path} has no accuracy.per_split; is it a daamkit classify run?")
     return metrics

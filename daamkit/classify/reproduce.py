@@ -15,7 +15,6 @@ resumes where it stopped (an unfinished run is trained again from the start).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,7 +28,7 @@ from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.lora import train_lora
 from daamkit.classify.report import build_report, render_markdown
 from daamkit.classify.training import train_decoder
-from daamkit.common.checkpoint import atomic_write_json
+from daamkit.common.checkpoint import atomic_write_json, read_json
 from daamkit.common.errors import DaamkitError
 from daamkit.common.progress import log
 
@@ -96,7 +95,7 @@ def _check_settings(out: Path, settings: dict) -> None:
     """Refuse to resume an experiment folder whose finished runs were made with other result-changing settings."""
     path = out / SETTINGS_FILE
     if path.is_file() and any(out.glob(f"runs/*/{METRICS_FILE}")):
-        previous = json.loads(path.read_text())
+        previous = read_json(path)
         changed = sorted(key for key in settings if previous.get(key) != settings[key])
         if changed:
             raise DaamkitError(

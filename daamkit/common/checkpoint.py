@@ -77,15 +77,20 @@ def save_checkpoint(
     return directory
 
 
-def load_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The JSON config of a checkpoint folder, or DaamkitError naming what is missing."""
-    path = Path(directory) / CONFIG_FILE
+def read_json(path: str | os.PathLike, missing: str | None = None) -> Any:
+    """Parse a JSON file; a missing file (reported as `missing`) or broken JSON is a one-line DaamkitError."""
+    path = Path(path)
     if not path.is_file():
-        raise DaamkitError(f"{directory} is not a checkpoint folder: {CONFIG_FILE} is missing")
+        raise DaamkitError(missing or f"{path} does not exist")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DaamkitError(f"{path} is not valid JSON: {err}") from err
+
+
+def load_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON config of a checkpoint folder, or DaamkitError naming what is missing."""
+    return read_json(Path(directory) / CONFIG_FILE, f"{directory} is not a checkpoint folder: {CONFIG_FILE} is missing")
 
 
 def load_weights(directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
