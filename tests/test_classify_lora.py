@@ -110,7 +110,7 @@ def test_lora_uses_the_same_folds_and_dev_splits_as_classify_train(tmp_path, iem
 
     extract_features("iemocap", iemocap_dir, str(tiny_wavlm), tmp_path / "cache", device="cpu", max_items=15)
     cache = FeatureCache.open(tmp_path / "cache")
-    expected = plan_splits(cache, open_sources(cache), seed=4, runs=1, dev_fraction=0.2)
+    expected = plan_splits(cache.manifest.get("grouping"), open_sources(cache), seed=4, runs=1, dev_fraction=0.2)
     _, plans = lora.task_plans(load_task("iemocap", iemocap_dir, max_items=15), seed=4, runs=1, dev_fraction=0.2)
     assert [p.name for p in plans] == [p.name for p in expected] == [f"Session{s}" for s in range(1, 6)]
     for got, want in zip(plans, expected):

@@ -49,7 +49,7 @@ def test_dev_split_too_small_or_bad_fraction_is_an_error():
 def test_folds_never_mix_sessions_and_dev_comes_from_the_training_sessions(tmp_path):
     cache = FeatureCache.open(write_session_cache(tmp_path / "cache"))
     sources = open_sources(cache)
-    plans = plan_splits(cache, sources, seed=0, runs=1, dev_fraction=0.1)
+    plans = plan_splits(cache.manifest.get("grouping"), sources, seed=0, runs=1, dev_fraction=0.1)
     groups = np.asarray(sources["all"].groups)
     utterances = np.asarray([item["utterance"] for item in sources["all"].items])
     assert [plan.name for plan in plans] == [f"Session{s}" for s in range(1, 6)]
@@ -60,12 +60,12 @@ def test_folds_never_mix_sessions_and_dev_comes_from_the_training_sessions(tmp_p
         assert set(plan.train).isdisjoint(plan.dev)
         assert set(utterances[plan.train]).isdisjoint(utterances[plan.dev])
     with pytest.raises(DaamkitError, match="--runs"):
-        plan_splits(cache, sources, seed=0, runs=2, dev_fraction=0.1)
+        plan_splits(cache.manifest.get("grouping"), sources, seed=0, runs=2, dev_fraction=0.1)
 
 
 def test_repeated_runs_use_consecutive_seeds_and_the_official_test_split(tmp_path):
     cache = FeatureCache.open(write_train_test_cache(tmp_path / "cache", num_train=60))
-    plans = plan_splits(cache, open_sources(cache), seed=7, runs=3, dev_fraction=0.1)
+    plans = plan_splits(cache.manifest.get("grouping"), open_sources(cache), seed=7, runs=3, dev_fraction=0.1)
     assert [(p.name, p.seed, p.train_source, p.test_source) for p in plans] == [
         ("run1", 7, "train", "test"), ("run2", 8, "train", "test"), ("run3", 9, "train", "test")]
     assert not np.array_equal(plans[0].dev, plans[1].dev)

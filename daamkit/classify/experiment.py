@@ -66,10 +66,10 @@ def make_accelerator(mixed_precision: str, cpu: bool = False):
         return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
-def plan_splits(cache: FeatureCache, sources: dict[str, FeatureSplit], *, seed: int, runs: int,
+def plan_splits(grouping: Optional[str], sources: dict[str, FeatureSplit], *, seed: int, runs: int,
                 dev_fraction: float) -> list[SplitPlan]:
-    """Leave-one-session-out folds for grouped caches (IEMOCAP), else `runs` seeded runs on train/test."""
-    if cache.manifest.get("grouping"):
+    """Leave-one-group-out folds when items are grouped (IEMOCAP sessions), else `runs` seeded runs on train/test."""
+    if grouping:
         if runs != 1:
             raise DaamkitError("--runs is for train/test tasks; a session-grouped cache trains one model per fold")
         (source,) = sources.values()
@@ -134,7 +134,8 @@ def load_run(run_dir: str | Path, features_dir: Optional[str | Path] = None) -> 
                 f"({manifest.get(key)!r} vs {run['cache'].get(key)!r})"
             )
     sources = open_sources(cache)
-    plans = plan_splits(cache, sources, seed=run["seed"], runs=run["runs"], dev_fraction=run["dev_fraction"])
+    plans = plan_splits(manifest.get("grouping"), sources, seed=run["seed"], runs=run["runs"],
+                        dev_fraction=run["dev_fraction"])
     return RunContext(run_dir, run, cache, sources, plans)
 
 

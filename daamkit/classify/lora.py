@@ -22,7 +22,6 @@ import inspect
 import shutil
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -172,12 +171,12 @@ def task_plans(data: TaskData, *, seed: int, runs: int, dev_fraction: float
                ) -> tuple[dict[str, FeatureSplit], list[SplitPlan]]:
     """Label views of the task's splits and the folds/runs `classify train` plans for a cache of the same data.
 
-    A feature cache keeps the dataset's items in order, so the same seed, runs and dev fraction give the
-    same train/dev/test indices (`plan_splits` reads only the grouping from the cache manifest).
+    Audio and image caches keep the dataset's item order, so the same seed, runs and dev fraction give the
+    same train/dev/test indices (IEMOCAP folds included). Text caches are stored longest text first, so
+    for text tasks the test split is the same but the dev items carved from train differ.
     """
     views = {name: _label_view(split) for name, split in data.splits.items()}
-    plans = plan_splits(SimpleNamespace(manifest={"grouping": data.grouping}), views, seed=seed, runs=runs,
-                        dev_fraction=dev_fraction)
+    plans = plan_splits(data.grouping, views, seed=seed, runs=runs, dev_fraction=dev_fraction)
     return views, plans
 
 
