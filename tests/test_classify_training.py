@@ -215,3 +215,12 @@ def test_cli_train_evaluate_report_and_errors(agnews_cache, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+
+
+def test_unknown_names_are_reported_before_any_file_is_read(tmp_path):
+    result = runner.invoke(app, ["classify", "train", "--features", str(tmp_path / "none"), "--decoder", "bogus",
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "unknown decoder 'bogus'" in result.stderr
+    result = runner.invoke(app, ["classify", "extract", "--task", "speech", "--data", str(tmp_path),
+                                 "--encoder", "no/such-model", "--out", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "unknown task 'speech'" in result.stderr

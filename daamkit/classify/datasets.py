@@ -87,6 +87,12 @@ class TaskData:
     fingerprint: str
 
 
+def check_task(task: str) -> None:
+    """DaamkitError for a task name daamkit has no reader for."""
+    if task not in TASK_MODALITY:
+        raise DaamkitError(f"unknown task {task!r}; choose one of {', '.join(TASK_MODALITY)}")
+
+
 def load_task(
     task: str,
     data_dir: str | Path,
@@ -95,8 +101,7 @@ def load_task(
     max_items: int | None = None,
 ) -> TaskData:
     """Read `task` from `data_dir`; `max_items` keeps an evenly spaced subset of every split (smoke runs)."""
-    if task not in TASK_MODALITY:
-        raise DaamkitError(f"unknown task {task!r}; choose one of {', '.join(TASK_MODALITY)}")
+    check_task(task)
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise DaamkitError(f"data folder {data_dir} does not exist")

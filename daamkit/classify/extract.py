@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from daamkit.classify.datasets import DatasetSplit, TaskData, load_task
+from daamkit.classify.datasets import DatasetSplit, TaskData, check_task, load_task
 from daamkit.classify.encoders import FrozenEncoder, Prepared
 from daamkit.classify.feature_cache import FeatureCache, FeatureCacheWriter, identity_mismatch, read_manifest
 from daamkit.common.errors import DaamkitError
@@ -45,6 +45,7 @@ def extract_features(
     """
     if batch_size < 1:
         raise DaamkitError(f"--batch-size must be at least 1, got {batch_size}")
+    check_task(task)
     if not isinstance(encoder, FrozenEncoder):
         encoder = FrozenEncoder.from_pretrained(
             encoder, include_embeddings=include_embeddings, dtype=dtype, device=device, device_map=device_map,

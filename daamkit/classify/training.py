@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from daamkit.classify.batches import FeatureBatches
 from daamkit.classify.decoders import (
+    DECODERS,
     DENSITY_DECODERS,
     DecoderConfig,
     build_decoder,
@@ -90,6 +91,8 @@ def train_decoder(
         raise DaamkitError(f"--epochs must be at least 1, got {epochs}")
     if loss not in LOSSES:
         raise DaamkitError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if decoder not in DECODERS:
+        raise DaamkitError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
     if (out_dir / METRICS_FILE).exists() and not overwrite:
         raise DaamkitError(f"{out_dir} already holds a finished run; pass --overwrite or choose another --out")
     cache = FeatureCache.open(features_dir)
