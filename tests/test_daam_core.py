@@ -108,20 +108,24 @@ def test_masked_result_equals_unpadded_result():
 
 def test_gradcheck_float64():
     torch.manual_seed(7)
-    daam = _randomise(DensityAdaptiveAttention(2, 3, norm_axis=1, feature_axis=-1)).double()
-    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 6, 1, dtype=torch.bool)
+    mask[1, 4:] = False
+    # without a mask Algorithm 1 runs its hand-written backward: even (2 x 3) and uneven (1+1+4) splits
+    for heads, feature_axis, m in ((2, -1, None), (3, -1, None), (2, 0, None), (2, -1, mask)):
+        daam = _randomise(DensityAdaptiveAttention(heads, 2 if feature_axis == 0 else 3, 1, feature_axis)).double()
+        x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+        params = [daam.mean_offset.detach().clone().requires_grad_(), daam.c.detach().clone().requires_grad_()]
+        assert torch.autograd.gradcheck(lambda i, o, c: torch.func.functional_call(
+            daam, {"mean_offset": o, "c": c}, (i,), {"mask": m}), (x, *params))
 
-    params = [daam.mean_offset.detach().clone().requires_grad_(), daam.c.detach().clone().requires_grad_()]
-    assert torch.autograd.gradcheck(lambda i, o, c: torch.func.functional_call(
-        daam, {"mean_offset": o, "c": c}, (i,)), (x, *params))
-
-    for combine in ("product", "sum"):
-        mix = _randomise(MixtureDensityAdaptiveAttention(2, 3, norm_axis=1, combine=combine)).double()
+    for combine, heads, m in (("product", 2, None), ("product", 4, None), ("product", 2, mask), ("sum", 2, None)):
+        # product without a mask runs the hand-written backward (also with an uneven 1+1+1+3 split)
+        mix = _randomise(MixtureDensityAdaptiveAttention(heads, 3, norm_axis=1, combine=combine)).double()
         names = [name for name, _ in mix.named_parameters()]
         values = [p.detach().clone().requires_grad_() for p in mix.parameters()]
         xm = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(
-            lambda i, *p: torch.func.functional_call(mix, dict(zip(names, p)), (i,)), (xm, *values))
+            lambda i, *p: torch.func.functional_call(mix, dict(zip(names, p)), (i,), {"mask": m}), (xm, *values))
 
 
 @pytest.mark.parametrize("heads,features,expected", [(8, 1024, 16_384), (8, 5120, 81_920), (1, 1024, 2_048),

@@ -23,6 +23,41 @@ STD_EPS = 1e-5  # added under the square root of the standardisation
 MIN_C = 1e-4  # `c` is clamped to at least this in the forward pass, so the gate's width stays positive
 
 
+class _DensityGate(torch.autograd.Function):
+    """Algorithm 1's gate exp(k z^2) (k = -1 / (2c)) for one unmasked head layout, with a hand-derived
+    backward that recomputes z from x instead of keeping autograd's intermediates (fewer passes)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, offset: Tensor, k: Tensor, dim: int) -> Tensor:
+        mu = x.mean(dim, keepdim=True)
+        centred_sq = (x * x).mean(dim, keepdim=True) - mu * mu
+        inv_std = torch.rsqrt(centred_sq.abs() + (VARIANCE_EPS + STD_EPS))
+        shift = mu + offset
+        z = (x - shift) * inv_std
+        gate = torch.exp(z * z * k)
+        ctx.save_for_backward(x, gate, mu, shift, inv_std, centred_sq.sign(), offset, k)
+        ctx.dim = dim
+        return gate
+
+    @staticmethod
+    def backward(ctx, grad_gate: Tensor):
+        x, gate, mu, shift, inv_std, var_sign, offset, k = ctx.saved_tensors
+        dim, n = ctx.dim, x.shape[ctx.dim]
+        z = (x - shift) * inv_std
+        h = grad_gate * gate
+        grad_z = h * z * (2.0 * k)
+        sum_grad_z = grad_z.sum(dim, keepdim=True)
+        grad_inv_std = (grad_z * z).sum(dim, keepdim=True) / inv_std
+        # var = |E[x^2] - mu^2|, inv_std = (var + eps)^-1/2; shift = mu + offset
+        grad_var = -0.5 * grad_inv_std * inv_std ** 3 * var_sign
+        grad_mu = -sum_grad_z * inv_std - 2.0 * mu * grad_var
+        grad_x = grad_z * inv_std + (grad_mu + 2.0 * grad_var * x) / n
+        offset_dims = [i for i in range(x.dim()) if offset.shape[i] == 1]
+        grad_offset = (-sum_grad_z * inv_std).sum(offset_dims, keepdim=True)
+        grad_k = (h * z * z).sum(dim, keepdim=True).sum(offset_dims, keepdim=True)  # axis first: much faster
+        return grad_x, grad_offset, grad_k, None
+
+
 class DensityAdaptiveAttention(nn.Module):
     """Multi-head Gaussian gate of paper Algorithm 1.
 
@@ -83,6 +118,8 @@ class DensityAdaptiveAttention(nn.Module):
             xg = xg.to(dtype)
             offset = head_view(offset_all[heads], xg.dim(), axis, grouped_feature_axis)
             neg_half_inv_c = head_view(-0.5 / c_all[heads], xg.dim(), axis, grouped_feature_axis)
+            if mg is None:
+                return _DensityGate.apply(xg, offset, neg_half_inv_c, axis + 1)
             mu, _ = masked_mean(xg, mg, axis + 1)
             mean_sq, _ = masked_mean(xg * xg, mg, axis + 1)
             var = (mean_sq - mu * mu).abs()
