@@ -31,10 +31,12 @@ from daamkit.vqvae.model import VQVAE
 from daamkit.vqvae.quantizer import nearest_codes
 
 
-def _step_fn(config: VQVAEConfig, images: torch.Tensor):
+def _step_fn(config: VQVAEConfig, images: torch.Tensor, compile_model: bool = False):
     """A full training step (forward, L1 + VQ loss, backward, AdamW) of a fresh model for `config`."""
     torch.manual_seed(0)
     model = VQVAE(config).to(images.device).train()
+    if compile_model:  # as `vqvae train --compile`: encoder and decoder, not the quantizer
+        model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -60,7 +62,7 @@ def bench_train_step(args, device: torch.device) -> dict:
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
     common = dict(base_channels=args.base_channels, num_downsamples=args.num_downsamples,
                   embedding_dim=args.embedding_dim, num_embeddings=args.num_embeddings)
-    steps = {name: _step_fn(VQVAEConfig(**common, attention=name), images) for name in ("daam", "none")}
+    steps = {name: _step_fn(VQVAEConfig(**common, attention=name), images, args.compile) for name in ("daam", "none")}
     for step in steps.values():  # warm-up (allocator, codebook initialisation, kernels)
         for _ in range(2):
             step()
@@ -69,7 +71,7 @@ def bench_train_step(args, device: torch.device) -> dict:
         for name, step in steps.items():
             times[name].append(_timed(step, device))
     daam, none = statistics.median(times["daam"]), statistics.median(times["none"])
-    return {"config": {**common, "image_size": args.image_size, "batch_size": args.batch_size},
+    return {"config": {**common, "image_size": args.image_size, "batch_size": args.batch_size, "compile": args.compile},
             "daam_step_s": daam, "none_step_s": none, "daam_overhead_pct": 100 * (daam / none - 1)}
 
 
@@ -149,6 +151,7 @@ def main() -> None:
     parser.add_argument("--search-vectors", type=int, default=65_536)
     parser.add_argument("--search-codes", type=int, default=16_384)
     parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder (both variants)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from daamkit.common.heads import (
     apply_per_head,
     check_heads,
+    dense_input,
     finish_gate,
     head_view,
     masked_mean,
@@ -108,6 +109,7 @@ class DensityAdaptiveAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, return_gate: bool = False):
         axis, feature_axis = self._axes(x)
+        x = dense_input(x)
         mask = prepare_mask(mask, x)
         dtype = stats_dtype(x)
         grouped_feature_axis = feature_axis + 1 if feature_axis > axis else feature_axis

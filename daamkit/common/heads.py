@@ -34,6 +34,12 @@ def check_heads(size: int, num_heads: int, axis: int) -> None:
         )
 
 
+def dense_input(x: Tensor) -> Tensor:
+    """x in the standard contiguous layout. Convolutions on CPU may hand over channels-last tensors, and
+    mixing that layout with the per-head statistics sends every elementwise op down a slow strided path."""
+    return x.contiguous()
+
+
 def prepare_mask(mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     """The padding mask as a bool tensor of x's full shape (True = valid), or None."""
     if mask is None:

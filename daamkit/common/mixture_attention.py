@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from daamkit.common.heads import (
     apply_per_head,
     check_heads,
+    dense_input,
     finish_gate,
     head_view,
     masked_mean,
@@ -107,6 +108,7 @@ class MixtureDensityAdaptiveAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, return_gate: bool = False):
         axis = normalize_axis(self.norm_axis, x.dim(), "norm_axis")
+        x = dense_input(x)
         check_heads(x.shape[axis], self.num_heads, axis)
         mask = prepare_mask(mask, x)
         dtype = stats_dtype(x)
