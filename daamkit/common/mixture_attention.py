@@ -31,8 +31,8 @@ class _ProductMixtureGate(torch.autograd.Function):
 
     With c = x - mean(x), var the unbiased variance + eps, a = q / var and b = p / (2 var) per column,
     the gate is softmax(c * (a - b c)) over `dim` (the same as softmax(z (Q / sigma - P z / 2))). The
-    backward uses sum(softmax grad) = 0 and sum(c) = 0 to need only two reductions over `dim`, which
-    makes it about half the memory traffic of autograd's version, eager or compiled.
+    backward uses sum(softmax grad) = 0 and sum(c) = 0 to need only two reductions over `dim`, and it
+    recomputes c from x instead of keeping autograd's chain of intermediates.
     """
 
     @staticmethod
@@ -121,10 +121,11 @@ class MixtureDensityAdaptiveAttention(nn.Module):
 
         def gate_fn(xg: Tensor, mg: Optional[Tensor], heads: slice) -> Tensor:
             xg = xg.to(dtype)
-            if mg is None and self.combine == "product":
+            if self.combine == "product":
                 half_p = head_view(0.5 * inv_var_sum[heads], xg.dim(), axis)
                 q = head_view(offset_sum[heads], xg.dim(), axis)
-                return _ProductMixtureGate.apply(xg, half_p, q, stat_axis)
+                if mg is None:
+                    return _ProductMixtureGate.apply(xg, half_p, q, stat_axis)
             mu, count = masked_mean(xg, mg, stat_axis)
             centred = xg - mu
             sq = centred * centred if mg is None else torch.where(mg, centred * centred, 0.0)
@@ -133,8 +134,6 @@ class MixtureDensityAdaptiveAttention(nn.Module):
             inv_sigma = torch.rsqrt(var + VARIANCE_EPS)
             z = centred * inv_sigma
             if self.combine == "product":
-                half_p = head_view(0.5 * inv_var_sum[heads], xg.dim(), axis)
-                q = head_view(offset_sum[heads], xg.dim(), axis)
                 logits = z * torch.addcmul(q * inv_sigma, half_p, z, value=-1.0)
             else:
                 logits = self._sum_logits(z, inv_sigma, c_sq[heads], offsets[heads], heads, axis)
