@@ -2,6 +2,7 @@
 the protocol and metrics.json match `classify train`, CLI errors are one line."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -117,6 +118,28 @@ def test_lora_uses_the_same_folds_and_dev_splits_as_classify_train(tmp_path, iem
         assert got.seed == want.seed
         for part in ("train", "dev", "test"):
             assert getattr(got, part).tolist() == getattr(want, part).tolist()
+
+
+def test_lora_text_runs_see_the_same_items_as_the_length_sorted_cache(tmp_path, agnews_dir, tiny_bert):
+    from daamkit.classify.datasets import in_cache_order, load_task
+    from daamkit.classify.experiment import open_sources, plan_splits
+    from daamkit.classify.extract import extract_features
+    from daamkit.classify.feature_cache import FeatureCache
+
+    extract_features("agnews", agnews_dir, str(tiny_bert), tmp_path / "cache", device="cpu")
+    cache = FeatureCache.open(tmp_path / "cache")
+    sources = open_sources(cache)
+    expected = plan_splits(cache.manifest.get("grouping"), sources, seed=3, runs=2, dev_fraction=0.25)
+    data = load_task("agnews", agnews_dir)
+    ordered = {name: in_cache_order(split, data.modality) for name, split in data.splits.items()}
+    assert [item["id"] for item in ordered["train"].items] == [item["id"] for item in sources["train"].items]
+    views, plans = lora.task_plans(replace(data, splits=ordered), seed=3, runs=2, dev_fraction=0.25)
+    for got, want in zip(plans, expected, strict=True):
+        for part in ("train", "dev", "test"):
+            source = sources[want.test_source if part == "test" else want.train_source]
+            got_ids = [views[got.test_source if part == "test" else got.train_source].items[i]["id"]
+                       for i in getattr(got, part)]
+            assert got_ids == [source.items[i]["id"] for i in getattr(want, part)]
 
 
 def test_modules_without_gradient_ignores_the_zero_first_gradient_of_lora_a():

@@ -87,6 +87,14 @@ class TaskData:
     fingerprint: str
 
 
+def in_cache_order(split: DatasetSplit, modality: str) -> DatasetSplit:
+    """The split in the row order of its feature cache: text longest first (batches of similar length waste
+    little on padding), audio and images as read. Anything that indexes cache rows must use this order."""
+    if modality != "text":
+        return split
+    return split.subset(sorted(range(len(split)), key=lambda i: -len(split.load(i))))
+
+
 def check_task(task: str) -> None:
     """DaamkitError for a task name daamkit has no reader for."""
     if task not in TASK_MODALITY:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from daamkit.classify.datasets import DatasetSplit, TaskData, check_task, load_task
+from daamkit.classify.datasets import DatasetSplit, TaskData, check_task, in_cache_order, load_task
 from daamkit.classify.encoders import FrozenEncoder, Prepared
 from daamkit.classify.feature_cache import FeatureCache, FeatureCacheWriter, identity_mismatch, read_manifest
 from daamkit.common.errors import DaamkitError
@@ -67,9 +67,8 @@ def extract_features(
     summary: dict[str, Any] = {"out": str(out_dir), "task": task, "encoder": encoder.name,
                                "layers": encoder.layers, "hidden_size": encoder.hidden_size, "splits": {}}
     for name, split in data.splits.items():
-        if data.modality == "text":  # longest first: batches of similar length waste little on padding
-            split = split.subset(sorted(range(len(split)), key=lambda i: -len(split.load(i))))
-        summary["splits"][name] = _extract_split(encoder, split, out_dir, fields, batch_size)
+        summary["splits"][name] = _extract_split(encoder, in_cache_order(split, data.modality), out_dir, fields,
+                                                 batch_size)
     return summary
 
 

@@ -19,6 +19,7 @@ picked on a dev split carved from the training pool, and the same `metrics.json`
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 import shutil
 import warnings
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daamkit.classify.datasets import DatasetSplit, TaskData, load_task
+from daamkit.classify.datasets import DatasetSplit, TaskData, in_cache_order, load_task
 from daamkit.classify.encoders import FrozenEncoder, masked_mean
 from daamkit.classify.evaluation import accuracy, accuracy_block, has_utterances, utterance_accuracy
 from daamkit.classify.experiment import (
@@ -171,9 +172,8 @@ def task_plans(data: TaskData, *, seed: int, runs: int, dev_fraction: float
                ) -> tuple[dict[str, FeatureSplit], list[SplitPlan]]:
     """Label views of the task's splits and the folds/runs `classify train` plans for a cache of the same data.
 
-    Audio and image caches keep the dataset's item order, so the same seed, runs and dev fraction give the
-    same train/dev/test indices (IEMOCAP folds included). Text caches are stored longest text first, so
-    for text tasks the test split is the same but the dev items carved from train differ.
+    `data`'s splits must be in cache row order (`in_cache_order`), so the same seed, runs and dev fraction
+    give the same train/dev/test items as a `classify train` run (IEMOCAP folds included).
     """
     views = {name: _label_view(split) for name, split in data.splits.items()}
     plans = plan_splits(data.grouping, views, seed=seed, runs=runs, dev_fraction=dev_fraction)
@@ -308,6 +308,7 @@ def train_lora(
         raise DaamkitError(f"{out_dir} already holds a finished run; pass --overwrite or choose another --out")
     frozen = FrozenEncoder.from_pretrained(encoder, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     data = load_task(task, data_dir, sampling_rate=frozen.sampling_rate or 16000, max_items=max_items)
+    data = replace(data, splits={name: in_cache_order(split, data.modality) for name, split in data.splits.items()})
     if data.modality != frozen.modality:
         raise DaamkitError(f"task {task} is {data.modality} data but {frozen.name} is a {frozen.modality} encoder")
     base = frozen.load()
