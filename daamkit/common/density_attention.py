@@ -36,13 +36,13 @@ class _DensityGate(torch.autograd.Function):
         shift = mu + offset
         z = (x - shift) * inv_std
         gate = torch.exp(z * z * k)
-        ctx.save_for_backward(x, gate, mu, shift, inv_std, centred_sq.sign(), offset, k)
-        ctx.dim = dim
+        ctx.save_for_backward(x, gate, mu, shift, inv_std, centred_sq.sign(), k)
+        ctx.dim, ctx.offset_shape = dim, offset.shape
         return gate
 
     @staticmethod
     def backward(ctx, grad_gate: Tensor):
-        x, gate, mu, shift, inv_std, var_sign, offset, k = ctx.saved_tensors
+        x, gate, mu, shift, inv_std, var_sign, k = ctx.saved_tensors
         dim, n = ctx.dim, x.shape[ctx.dim]
         z = (x - shift) * inv_std
         h = grad_gate * gate
@@ -53,9 +53,8 @@ class _DensityGate(torch.autograd.Function):
         grad_var = -0.5 * grad_inv_std * inv_std ** 3 * var_sign
         grad_mu = -sum_grad_z * inv_std - 2.0 * mu * grad_var
         grad_x = grad_z * inv_std + (grad_mu + 2.0 * grad_var * x) / n
-        offset_dims = [i for i in range(x.dim()) if offset.shape[i] == 1]
-        grad_offset = (-sum_grad_z * inv_std).sum(offset_dims, keepdim=True)
-        grad_k = (h * z * z).sum(dim, keepdim=True).sum(offset_dims, keepdim=True)  # axis first: much faster
+        grad_offset = (-sum_grad_z * inv_std).sum_to_size(ctx.offset_shape)
+        grad_k = (h * z * z).sum(dim, keepdim=True).sum_to_size(k.shape)  # the axis first: much faster
         return grad_x, grad_offset, grad_k, None
 
 

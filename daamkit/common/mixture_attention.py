@@ -60,9 +60,7 @@ class _ProductMixtureGate(torch.autograd.Function):
         var_coeff = -(grad_a * q + grad_b * half_p) * inv_var * inv_var * (2.0 / max(n - 1, 1))
         grad_c = u * a + c * (var_coeff - 2.0 * b * u)
         grad_x = grad_c + (2.0 / n) * b * grad_a  # minus mean(grad_c), which is -2 b grad_a / n
-        reduce_dims = [i for i in range(x.dim()) if q.shape[i] == 1]
-        return (grad_x, (grad_b * inv_var).sum(reduce_dims, keepdim=True),
-                (grad_a * inv_var).sum(reduce_dims, keepdim=True), None)
+        return grad_x, (grad_b * inv_var).sum_to_size(half_p.shape), (grad_a * inv_var).sum_to_size(q.shape), None
 
 
 class MixtureDensityAdaptiveAttention(nn.Module):
