@@ -9,32 +9,30 @@ The two runs live in `OUT/top` and `OUT/bottom`; a rerun reuses whichever alread
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from daamkit.classify.experiment import METRICS_FILE, load_run
 from daamkit.classify.importance import IMPORTANCE_DIR
+from daamkit.classify.report import METRICS
 from daamkit.classify.training import train_decoder
 from daamkit.common.checkpoint import atomic_write_json, read_json
 from daamkit.common.errors import DaamkitError
 from daamkit.common.progress import log
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
-METRICS = ("accuracy", "utterance_accuracy")
 
 
 def read_ranking(run_dir: Path) -> list[int]:
     """Encoder layer numbers of a DAAM run, most important first (from its Importance Factor outputs)."""
     path = run_dir / IMPORTANCE_DIR / "importance.json"
-    if not path.is_file():
-        raise DaamkitError(
-            f"{run_dir} has no Importance Factor ranking ({path} is missing); the ablation needs a finished "
-            "DAAM run (daam-v1, daam-v2, gqdaam, mixture); run `daamkit classify importance RUN_DIR` first"
-        )
+    importance = read_json(path, (
+        f"{run_dir} has no Importance Factor ranking ({path} is missing); the ablation needs a finished "
+        "DAAM run (daam-v1, daam-v2, gqdaam, mixture); run `daamkit classify importance RUN_DIR` first"
+    ))
     try:
-        return [int(layer) for layer in json.loads(path.read_text())["ranked_layers"]]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        return [int(layer) for layer in importance["ranked_layers"]]
+    except (KeyError, TypeError, ValueError) as err:
         raise DaamkitError(f"{path} holds no list of ranked_layers: {err}") from err
 
 
@@ -126,9 +124,7 @@ def run_ablation(run_dir: str | Path, features_dir: Optional[str | Path] = None,
     Returns {"table": the comparison as data, "markdown": its text, "out_dir": where it was written}.
     """
     run_dir = Path(run_dir)
-    source_path = run_dir / METRICS_FILE
-    if not source_path.is_file():
-        raise DaamkitError(f"{run_dir} is not a finished run ({METRICS_FILE} is missing)")
+    source = read_json(run_dir / METRICS_FILE, f"{run_dir} is not a finished run ({METRICS_FILE} is missing)")
     ranking = read_ranking(run_dir)
     layers = choose_layers(ranking, k)
     context = load_run(run_dir, features_dir)  # also checks that the feature cache matches the run
@@ -137,7 +133,7 @@ def run_ablation(run_dir: str | Path, features_dir: Optional[str | Path] = None,
     for name in ("top", "bottom"):
         results[name] = _train_or_reuse(context.cache.directory, context.run, out_dir / name, layers[name],
                                         f"{name}-{k} IF layers", mixed_precision, cpu)
-    table = comparison(context.run, json.loads(source_path.read_text()), results, layers, k, out_dir, run_dir)
+    table = comparison(context.run, source, results, layers, k, out_dir, run_dir)
     markdown = render_markdown(table)
     atomic_write_json(out_dir / ABLATION_JSON, table)
     (out_dir / ABLATION_MD).write_text(markdown + "\n")

@@ -52,6 +52,12 @@ class DecoderConfig:
         return asdict(self)
 
 
+def check_decoder(decoder: str) -> None:
+    """DaamkitError for a decoder name daamkit does not build."""
+    if decoder not in DECODERS:
+        raise DaamkitError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+
+
 def decoder_config(
     decoder: str,
     num_layers: int,
@@ -61,8 +67,7 @@ def decoder_config(
     gaussians: Optional[int] = None,
 ) -> DecoderConfig:
     """Validate a decoder choice against the cache shape; every bad combination is one DaamkitError line."""
-    if decoder not in DECODERS:
-        raise DaamkitError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+    check_decoder(decoder)
     heads = DEFAULT_HEADS[decoder] if heads is None else heads
     gaussians = DEFAULT_GAUSSIANS if gaussians is None else gaussians
     if heads < 1 or gaussians < 1:

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from daamkit.classify.batches import FeatureBatches
 from daamkit.classify.decoders import (
-    DECODERS,
     DENSITY_DECODERS,
     DecoderConfig,
     build_decoder,
+    check_decoder,
     count_parameters,
     decoder_config,
     gaussian_parameter_ranges,
@@ -91,8 +91,7 @@ def train_decoder(
         raise DaamkitError(f"--epochs must be at least 1, got {epochs}")
     if loss not in LOSSES:
         raise DaamkitError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if decoder not in DECODERS:
-        raise DaamkitError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+    check_decoder(decoder)  # before any file is read
     if (out_dir / METRICS_FILE).exists() and not overwrite:
         raise DaamkitError(f"{out_dir} already holds a finished run; pass --overwrite or choose another --out")
     cache = FeatureCache.open(features_dir)
