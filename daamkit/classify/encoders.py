@@ -231,6 +231,11 @@ class FrozenEncoder:
         names = set(inspect.signature(self.model.forward).parameters)
         return names if self.model.main_input_name in names else None
 
+    def model_inputs(self, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """The processor outputs the model's forward accepts, moved to `device`."""
+        accepted = self._forward_args
+        return {k: v.to(device) for k, v in inputs.items() if accepted is None or k in accepted}
+
     # ------------------------------------------------------------ forward (device)
 
     @torch.inference_mode()
@@ -238,8 +243,7 @@ class FrozenEncoder:
         """float32 `(B, L, d)` masked means of the kept hidden states, on the CPU."""
         out = torch.empty(prepared.size, len(self.layers), self.hidden_size)
         for rows, inputs, lengths in prepared.parts:
-            accepted = self._forward_args
-            inputs = {k: v.to(self.input_device) for k, v in inputs.items() if accepted is None or k in accepted}
+            inputs = self.model_inputs(inputs, self.input_device)
             with warnings.catch_warnings():  # WavLM's own attention call triggers a torch deprecation notice
                 warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
                 hidden = self.model(**inputs, output_hidden_states=True).hidden_states

@@ -18,12 +18,11 @@ picked on a dev split carved from the training pool, and the same `metrics.json`
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import replace
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -77,13 +76,13 @@ def default_target_modules(model: nn.Module) -> list[str]:
 class LoRAClassifier(nn.Module):
     """A peft-adapted encoder -> exact masked mean of its last hidden state -> Linear(hidden, classes)."""
 
-    def __init__(self, encoder: nn.Module, hidden_size: int, num_classes: int):
+    def __init__(self, encoder: nn.Module, hidden_size: int, num_classes: int,
+                 model_inputs: Callable[[dict, torch.device], dict]):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.model_inputs = encoder, model_inputs  # model_inputs: FrozenEncoder.model_inputs
         self.head = nn.Linear(hidden_size, num_classes)
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self._forward_args = set(inspect.signature(encoder.get_base_model().forward).parameters)
 
     def train(self, mode: bool = True) -> "LoRAClassifier":
         """Only the head follows `mode`; the encoder stays in eval mode (no dropout/LayerDrop/SpecAugment)."""
@@ -96,8 +95,7 @@ class LoRAClassifier(nn.Module):
         device = self.head.weight.device
         pooled, rows = [], []
         for part_rows, inputs, lengths in prepared.parts:
-            inputs = {k: v.to(device) for k, v in inputs.items() if k in self._forward_args}
-            hidden = self.encoder(**inputs).last_hidden_state
+            hidden = self.encoder(**self.model_inputs(inputs, device)).last_hidden_state
             pooled.append(masked_mean(hidden, lengths))
             rows.extend(part_rows)
         features = torch.cat(pooled)[torch.argsort(torch.as_tensor(rows, device=device))]
@@ -220,7 +218,7 @@ class _Job:
                 adapted = get_peft_model(base, config)
         except ValueError as err:
             raise DaamkitError(f"cannot add LoRA adapters to {self.encoder.name}: {str(err).splitlines()[0]}") from err
-        model = LoRAClassifier(adapted, self.encoder.hidden_size, len(self.data.classes))
+        model = LoRAClassifier(adapted, self.encoder.hidden_size, len(self.data.classes), self.encoder.model_inputs)
         optimizer = make_optimizer(model, s)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=PLATEAU_FACTOR,
                                                                patience=PLATEAU_PATIENCE)
