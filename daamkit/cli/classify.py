@@ -246,7 +246,10 @@ def ablate(
 
     set_quiet(quiet)
     result = run_ablation(run_dir, features, k=k, out_dir=out, mixed_precision=mixed_precision, cpu=cpu)
-    typer.echo(json.dumps(result["table"], indent=2) if as_json else result["markdown"])
+    if as_json:
+        _echo_json(result["table"])
+    else:
+        typer.echo(result["markdown"])
 
 
 @app.command()
@@ -287,4 +290,7 @@ def reproduce(
         dtype=dtype, mixed_precision=mixed_precision, cpu=cpu,
     )
     result = reproduce_experiment(task, data, encoder, out, options)
-    typer.echo(json.dumps(result["report"], indent=2) if as_json else result["markdown"])
+    if as_json:
+        _echo_json(result["report"])
+    else:
+        typer.echo(result["markdown"])
