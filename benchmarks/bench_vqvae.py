@@ -35,8 +35,9 @@ def _step_fn(config: VQVAEConfig, images: torch.Tensor, compile_model: bool = Fa
     """A full training step (forward, L1 + VQ loss, backward, AdamW) of a fresh model for `config`."""
     torch.manual_seed(0)
     model = VQVAE(config).to(images.device).train()
-    if compile_model:  # as `vqvae train --compile`: encoder and decoder, not the quantizer
-        model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
+    if compile_model:  # exactly as `vqvae train --compile`: encoder and decoder, not the quantizer
+        model.encoder.compile()
+        model.decoder.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def step() -> None:
