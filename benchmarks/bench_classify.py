@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from daamkit.classify.batches import FeatureBatches
 from daamkit.classify.decoders import CONV_CHANNELS, build_decoder, decoder_config
 from daamkit.classify.feature_cache import FeatureCache, FeatureCacheWriter
-from daamkit.common.progress import set_quiet
+from daamkit.infra.progress import set_quiet
 
 
 def tiny_beit(folder: Path) -> Path:

@@ -10,8 +10,8 @@ from daamkit.classify import ablation
 from daamkit.classify.ablation import choose_layers, run_ablation
 from daamkit.classify.training import train_decoder
 from daamkit.cli.main import app
-from daamkit.common import progress
-from daamkit.common.errors import DaamkitError
+from daamkit.infra import progress
+from daamkit.infra.errors import DaamkitError
 
 runner = CliRunner()
 

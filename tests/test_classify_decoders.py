@@ -13,7 +13,7 @@ from daamkit.classify.decoders import (
     gaussian_parameter_ranges,
     grid_shape,
 )
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 
 N, D, C = 8, 32, 3
 # Fewer heads than the paper's 8 so that each density head spans several of the 8 toy layers (with 2

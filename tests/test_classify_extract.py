@@ -16,8 +16,8 @@ from daamkit.classify.encoders import FrozenEncoder, masked_mean
 from daamkit.classify.extract import extract_features
 from daamkit.classify.feature_cache import FeatureCache
 from daamkit.cli.main import app
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import set_quiet
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import set_quiet
 
 from conftest import AGNEWS_TRAIN, IEMOCAP_LONG, IEMOCAP_TURNS
 

@@ -13,9 +13,9 @@ from daamkit.classify.encoders import FrozenEncoder
 from daamkit.classify.lora import default_target_modules, train_lora
 from daamkit.classify.report import build_report
 from daamkit.cli.main import app
-from daamkit.common import progress
-from daamkit.common.checkpoint import load_weights
-from daamkit.common.errors import DaamkitError
+from daamkit.infra import progress
+from daamkit.infra.checkpoint import load_weights
+from daamkit.infra.errors import DaamkitError
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ from classify_caches import write_session_cache, write_train_test_cache
 from daamkit.classify.experiment import open_sources, plan_splits
 from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.protocol import dev_split, parse_layers
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 
 
 def test_parse_layers_maps_encoder_layer_numbers_to_cache_positions():

@@ -9,8 +9,8 @@ from daamkit.classify import ablation, reproduce
 from daamkit.classify.decoders import DECODERS
 from daamkit.classify.reproduce import ReproduceOptions
 from daamkit.cli.main import app
-from daamkit.common import progress
-from daamkit.common.errors import DaamkitError
+from daamkit.infra import progress
+from daamkit.infra.errors import DaamkitError
 
 runner = CliRunner()
 

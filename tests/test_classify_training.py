@@ -14,9 +14,9 @@ from daamkit.classify.importance import importance_run
 from daamkit.classify.report import build_report, render_report
 from daamkit.classify.training import focal_loss, train_decoder
 from daamkit.cli.main import app
-from daamkit.common.checkpoint import load_weights
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import set_quiet
+from daamkit.infra.checkpoint import load_weights
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import set_quiet
 
 runner = CliRunner()
 

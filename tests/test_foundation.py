@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 
 from daamkit.cli.app import new_app
 from daamkit.cli.main import app
-from daamkit.common import checkpoint
-from daamkit.common.config_file import merge_config
-from daamkit.common.errors import DaamkitError
-from daamkit.common.local_weights import resolve_hf_model
+from daamkit.infra import checkpoint
+from daamkit.infra.config_file import merge_config
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.local_weights import resolve_hf_model
 
 runner = CliRunner()
 

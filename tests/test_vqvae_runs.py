@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from daamkit.cli.main import app
-from daamkit.common.checkpoint import load_training_state, load_weights
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.checkpoint import load_training_state, load_weights
+from daamkit.infra.errors import DaamkitError
 from daamkit.vqvae import train as train_module
 from daamkit.vqvae.data import StepBatchSampler, evaluation_set, training_splits
 

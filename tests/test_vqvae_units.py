@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, checkpoint_config, parse_checkpoint_config
 from daamkit.vqvae.model import VQVAE
 from daamkit.vqvae.quantizer import VectorQuantizer, codebook_usage_and_perplexity, nearest_codes

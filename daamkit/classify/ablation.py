@@ -16,9 +16,9 @@ from daamkit.classify.experiment import METRICS_FILE, load_run
 from daamkit.classify.importance import IMPORTANCE_DIR
 from daamkit.classify.report import METRICS
 from daamkit.classify.training import train_decoder
-from daamkit.common.checkpoint import atomic_write_json, read_json
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import log
+from daamkit.infra.checkpoint import atomic_write_json, read_json
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 
 TASK_MODALITY = {
     "iemocap": "audio",

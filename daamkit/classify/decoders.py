@@ -23,7 +23,7 @@ from daamkit.common import (
     GroupedQueryAttention,
     MixtureDensityAdaptiveAttention,
 )
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 
 DECODERS = ("mha", "mha-bn", "gqa", "daam-v1", "daam-v2", "gqdaam", "mixture")
 # Decoders whose attention module produces a density gate (Importance Factor, Gaussian parameter table).

@@ -27,9 +27,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from daamkit.common.errors import DaamkitError
-from daamkit.common.local_weights import resolve_hf_model
-from daamkit.common.progress import log
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.local_weights import resolve_hf_model
+from daamkit.infra.progress import log
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODALITY_BY_INPUT = {"input_values": "audio", "pixel_values": "image", "input_ids": "text"}

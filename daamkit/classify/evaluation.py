@@ -14,8 +14,8 @@ from daamkit.classify.decoders import DATDecoder, DecoderConfig, build_decoder
 from daamkit.classify.experiment import RunContext, load_run, make_accelerator, summarize
 from daamkit.classify.feature_cache import FeatureSplit
 from daamkit.common import ImportanceAccumulator
-from daamkit.common.checkpoint import load_config, load_state_dict_strict, load_weights
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.checkpoint import load_config, load_state_dict_strict, load_weights
+from daamkit.infra.errors import DaamkitError
 
 
 @torch.no_grad()

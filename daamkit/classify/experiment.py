@@ -13,8 +13,8 @@ import torch
 
 from daamkit.classify.feature_cache import FeatureCache, FeatureSplit
 from daamkit.classify.protocol import SplitPlan, leave_one_group_out, repeated_runs
-from daamkit.common.checkpoint import read_json
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.checkpoint import read_json
+from daamkit.infra.errors import DaamkitError
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"

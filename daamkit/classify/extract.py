@@ -18,8 +18,8 @@ from typing import Any
 from daamkit.classify.datasets import DatasetSplit, TaskData, check_task, in_cache_order, load_task
 from daamkit.classify.encoders import FrozenEncoder, Prepared
 from daamkit.classify.feature_cache import FeatureCache, FeatureCacheWriter, identity_mismatch, read_manifest
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import log, progress_bar
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log, progress_bar
 
 
 def extract_features(

@@ -32,8 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from daamkit.common.checkpoint import atomic_write_json, read_json
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.checkpoint import atomic_write_json, read_json
+from daamkit.infra.errors import DaamkitError
 
 FORMAT_VERSION = 1
 STORAGE_DTYPE = "float16"

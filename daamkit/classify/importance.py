@@ -24,8 +24,8 @@ from daamkit.common import (
     rank_layers,
     save_importance_figures,
 )
-from daamkit.common.checkpoint import atomic_write_json
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.checkpoint import atomic_write_json
+from daamkit.infra.errors import DaamkitError
 
 IMPORTANCE_DIR = "importance"
 

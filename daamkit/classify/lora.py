@@ -45,9 +45,9 @@ from daamkit.classify.experiment import (
 from daamkit.classify.feature_cache import FeatureSplit
 from daamkit.classify.protocol import DEFAULT_DEV_FRACTION, SplitPlan
 from daamkit.classify.training import LOSSES, PLATEAU_FACTOR, PLATEAU_PATIENCE, focal_loss
-from daamkit.common.checkpoint import atomic_write_json, save_checkpoint
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import log, progress_bar
+from daamkit.infra.checkpoint import atomic_write_json, save_checkpoint
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log, progress_bar
 
 LORA_FILE = "lora.json"
 DEFAULT_EPOCHS = 3

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 
 DEFAULT_DEV_FRACTION = 0.1
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from daamkit.classify.experiment import METRICS_FILE
-from daamkit.common.checkpoint import read_json
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.checkpoint import read_json
+from daamkit.infra.errors import DaamkitError
 
 METRICS = ("accuracy", "utterance_accuracy")
 FORMATS = ("markdown", "json")

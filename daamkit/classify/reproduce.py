@@ -28,9 +28,9 @@ from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.lora import train_lora
 from daamkit.classify.report import build_report, render_markdown
 from daamkit.classify.training import train_decoder
-from daamkit.common.checkpoint import atomic_write_json, read_json
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import log
+from daamkit.infra.checkpoint import atomic_write_json, read_json
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log
 
 LORA_METHODS = ("lora", "loraplus")
 METHODS = (*DECODERS, *LORA_METHODS, "ablation")

@@ -41,9 +41,9 @@ from daamkit.classify.experiment import (
 from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.importance import IMPORTANCE_DIR, write_importance
 from daamkit.classify.protocol import DEFAULT_DEV_FRACTION, SplitPlan, parse_layers
-from daamkit.common.checkpoint import atomic_write_json, save_checkpoint
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import log, progress_bar
+from daamkit.infra.checkpoint import atomic_write_json, save_checkpoint
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log, progress_bar
 
 LOSSES = ("auto", "focal", "ce")
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.5

@@ -8,7 +8,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 
 
 class _UserErrorGroup(TyperGroup):

@@ -16,9 +16,9 @@ app = new_app("Frozen-encoder DAT classifiers: extract, train, evaluate, importa
 
 def _resolve_options(ctx: typer.Context, config: Optional[Path], quiet: bool, required: tuple[str, ...]) -> dict:
     """This command's options merged with `--config` (flags win), required ones checked, progress set quiet."""
-    from daamkit.common.config_file import explicit_options, merge_config
-    from daamkit.common.errors import DaamkitError
-    from daamkit.common.progress import set_quiet
+    from daamkit.infra.config_file import explicit_options, merge_config
+    from daamkit.infra.errors import DaamkitError
+    from daamkit.infra.progress import set_quiet
 
     values = merge_config(
         {k: v for k, v in ctx.params.items() if k not in ("config", "as_json", "quiet")},
@@ -129,7 +129,7 @@ def evaluate(
 ) -> None:
     """Re-score a saved run: every fold/run's best checkpoint on its test items."""
     from daamkit.classify.evaluation import evaluate_run
-    from daamkit.common.progress import set_quiet
+    from daamkit.infra.progress import set_quiet
 
     set_quiet(True)
     result = evaluate_run(run_dir, features, batch_size=batch_size, mixed_precision=mixed_precision, cpu=cpu)
@@ -151,7 +151,7 @@ def importance(
 ) -> None:
     """Importance Factor from the dev-split gates: IF matrix, heatmap, per-layer shares, ranked layers."""
     from daamkit.classify.importance import importance_run
-    from daamkit.common.progress import set_quiet
+    from daamkit.infra.progress import set_quiet
 
     set_quiet(True)
     result = importance_run(run_dir, features, mixed_precision=mixed_precision, cpu=cpu)
@@ -210,7 +210,7 @@ def lora(
 ) -> None:
     """LoRA / LoRA+ baseline: fine-tune the encoder's adapters + a linear head, same folds and dev selection."""
     from daamkit.classify.lora import train_lora
-    from daamkit.common.progress import set_quiet
+    from daamkit.infra.progress import set_quiet
 
     set_quiet(quiet)
     targets = [name.strip() for name in target_modules.split(",") if name.strip()] if target_modules else None
@@ -242,7 +242,7 @@ def ablate(
 ) -> None:
     """IF layer ablation: the run's decoder on its top-k vs bottom-k Importance-Factor layers (Tables 6-7)."""
     from daamkit.classify.ablation import run_ablation
-    from daamkit.common.progress import set_quiet
+    from daamkit.infra.progress import set_quiet
 
     set_quiet(quiet)
     result = run_ablation(run_dir, features, k=k, out_dir=out, mixed_precision=mixed_precision, cpu=cpu)
@@ -281,7 +281,7 @@ def reproduce(
 ) -> None:
     """One paper experiment end to end: extraction, every decoder, LoRA and LoRA+, IF ablation, the report."""
     from daamkit.classify.reproduce import ReproduceOptions, reproduce_experiment
-    from daamkit.common.progress import set_quiet
+    from daamkit.infra.progress import set_quiet
 
     set_quiet(quiet)
     options = ReproduceOptions.build(

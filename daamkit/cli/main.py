@@ -11,7 +11,7 @@ import typer
 from daamkit import __version__
 from daamkit.cli import classify, vqvae
 from daamkit.cli.app import new_app
-from daamkit.common.local_weights import LPIPS_TRUNK_FILES, cached_hf_models, hf_hub_cache_dir, lpips_trunk_path
+from daamkit.infra.local_weights import LPIPS_TRUNK_FILES, cached_hf_models, hf_hub_cache_dir, lpips_trunk_path
 
 app = new_app("daamkit: Density Adaptive Attention toolkit (DAAM core, DAAM VQ-VAE, DAT classifiers).")
 app.add_typer(vqvae.app, name="vqvae")

@@ -10,9 +10,9 @@ from typing import Annotated, Any, List, Optional
 import typer
 
 from daamkit.cli.app import new_app
-from daamkit.common.config_file import explicit_options, merge_config, read_toml
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import log
+from daamkit.infra.config_file import explicit_options, merge_config, read_toml
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig
 
 app = new_app("DAAM-enhanced VQ-VAE image tokenizer: train, evaluate, reconstruct, encode, decode.")

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 
 ATTENTION_CHOICES = ("daam", "none")
 RECON_LOSSES = ("l1", "mse")

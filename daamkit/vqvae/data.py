@@ -17,8 +17,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import log, progress_bar
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log, progress_bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Colour photographs bundled inside scikit-image (no download); loaders that fail are skipped.

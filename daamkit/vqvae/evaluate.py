@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import log, progress_bar
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log, progress_bar
 from daamkit.vqvae.data import CropDataset, collate_valid, evaluation_set, to_uint8
 from daamkit.vqvae.io import default_device, iterate_inputs, load_model, resolve_image_size, save_png
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, lpips_available, missing_lpips_message

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from daamkit.common.checkpoint import load_config, load_state_dict_strict, load_weights
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import progress_bar
+from daamkit.infra.checkpoint import load_config, load_state_dict_strict, load_weights
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import progress_bar
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, parse_checkpoint_config
 from daamkit.vqvae.data import LOAD_ERRORS, IMAGE_EXTENSIONS, center_crop, list_images, read_rgb, to_tensor
 from daamkit.vqvae.model import VQVAE

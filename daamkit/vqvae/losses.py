@@ -2,7 +2,7 @@
 
 LPIPS needs two weight sets: its small linear heads (shipped inside the `lpips` pip package) and the
 torchvision AlexNet/VGG trunk, which torchvision would download. Here the trunk is only ever read from the
-torch hub cache (`daamkit.common.local_weights.lpips_trunk_path`); when it is absent, `load_lpips` raises
+torch hub cache (`daamkit.infra.local_weights.lpips_trunk_path`); when it is absent, `load_lpips` raises
 a DaamkitError naming the file, so nothing silently runs on a random trunk.
 """
 
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daamkit.common.errors import DaamkitError
-from daamkit.common.local_weights import lpips_trunk_path
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.local_weights import lpips_trunk_path
 
 LPIPS_MIN_SIZE = 32  # smallest square input the AlexNet/VGG trunk can take down to its last stage
 

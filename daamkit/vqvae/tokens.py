@@ -14,9 +14,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from daamkit.common.checkpoint import atomic_write_bytes
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import progress_bar
+from daamkit.infra.checkpoint import atomic_write_bytes
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import progress_bar
 from daamkit.vqvae.data import to_uint8
 from daamkit.vqvae.io import default_device, iterate_inputs, load_model, save_png
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from daamkit.common.checkpoint import load_config, load_state_dict_strict, load_training_state, load_weights, save_checkpoint
-from daamkit.common.errors import DaamkitError
-from daamkit.common.progress import log, progress_bar, set_quiet
+from daamkit.infra.checkpoint import load_config, load_state_dict_strict, load_training_state, load_weights, save_checkpoint
+from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log, progress_bar, set_quiet
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, checkpoint_config, parse_checkpoint_config
 from daamkit.vqvae.data import CropDataset, StepBatchSampler, sample_photos, to_tensor, training_splits, to_uint8
 from daamkit.vqvae.evaluate import evaluate_model, image_grid, side_by_side

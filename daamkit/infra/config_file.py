@@ -11,7 +11,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 
 
 def read_toml(path: str | Path, allowed: set[str]) -> dict[str, Any]:

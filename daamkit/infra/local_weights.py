@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from daamkit.common.errors import DaamkitError
+from daamkit.infra.errors import DaamkitError
 
 # torchvision trunk files that LPIPS loads (the file names torchvision's model zoo uses).
 LPIPS_TRUNK_FILES = {
