@@ -57,8 +57,8 @@ def test_ablation_trains_top_and_bottom_layers_with_the_runs_settings(daam_run, 
     monkeypatch.setattr(ablation, "train_decoder", spy)
     result = run_ablation(run_dir, k=3, out_dir=tmp_path / "abl")
     assert [c["layers"] for c in calls] == ["2,5,8", "3,4,6"]
-    for call in calls:  # same decoder settings, seeds and runs as the source run; heads capped by k
-        assert (call["epochs"], call["runs"], call["seed"], call["heads"]) == (1, 2, 3, 3)
+    for call in calls:  # same settings, seeds and runs as the source run; heads: 2+ layers each
+        assert (call["epochs"], call["runs"], call["seed"], call["heads"]) == (1, 2, 3, 1)
     top = json.loads((tmp_path / "abl" / "top" / "metrics.json").read_text())
     bottom = json.loads((tmp_path / "abl" / "bottom" / "metrics.json").read_text())
     assert top["layers"] == [2, 5, 8] and bottom["layers"] == [3, 4, 6] and top["seeds"] == [3, 4]
@@ -87,3 +87,12 @@ def test_ablation_errors(daam_run, tmp_path):
     assert result.exit_code == 2 and "--k must be between 1 and 4" in result.output
     result = runner.invoke(app, ["classify", "ablate", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "is not a finished run" in result.output
+
+
+def test_single_layer_ablation_trains_the_conv_head_without_daam(daam_run, tmp_path):
+    cache, run_dir = daam_run
+    result = run_ablation(run_dir, k=1, out_dir=tmp_path / "abl1")
+    top = json.loads((tmp_path / "abl1" / "top" / "metrics.json").read_text())
+    assert top["decoder"] == "conv-head" and top["attention_parameters"] == 0 and top["layers"] == [5]
+    assert "(no DAAM: identity over one layer)" in top["method"]
+    assert "| Top-1 IF layers | 5 |" in result["markdown"]

@@ -7,9 +7,13 @@ from classify_caches import one_torch_thread  # noqa: F401
 from daamkit.classify.decoders import (
     DECODERS,
     DENSITY_DECODERS,
+    REGISTRY,
+    DecoderConfig,
+    attention_parameters,
     build_decoder,
     count_parameters,
     decoder_config,
+    default_heads,
     gaussian_parameter_ranges,
     grid_shape,
 )
@@ -18,7 +22,9 @@ from daamkit.infra.errors import DaamkitError
 N, D, C = 8, 32, 3
 # Fewer heads than the paper's 8 so that each density head spans several of the 8 toy layers (with 2
 # positions per head a standardised value is always +-1, whatever the other layer holds).
-HEADS = {"mha": 4, "mha-bn": 4, "gqa": 4, "daam-v1": 2, "daam-v2": None, "gqdaam": 2, "mixture": 2}
+HEADS = {"mha": 4, "mha-bn": 4, "gqa": 4, "daam-v1": 2, "daam-v2": None, "gqdaam": 2, "mixture": 2, "conv-head": None}
+DAT_DECODERS = [name for name in DECODERS if name != "linear"]
+ATTENTION_DECODERS = [name for name in DAT_DECODERS if name != "conv-head"]
 
 
 def _decoder(name, n=N, d=D, classes=C):
@@ -40,6 +46,7 @@ def expected_attention_parameters(name, n=N, d=D):
         "daam-v2": 2 * d,
         "gqdaam": 2 * heads * d + d * 512 + 512 + _gqa_params(512, 8),
         "mixture": 2 * heads * 4,
+        "conv-head": 0,
     }[name]
 
 
@@ -50,7 +57,7 @@ def test_grid_is_as_square_as_possible():
     assert grid_shape(17) == (1, 17)
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", DAT_DECODERS)
 def test_parameter_counts_follow_the_formulas(name):
     model = _decoder(name)
     width = {"gqa": HEADS["gqa"] * 64, "gqdaam": 512}.get(name, D)
@@ -74,7 +81,7 @@ def test_gqa_outputs_512_wide_features_reshaped_16x32():
     assert model.attention.out_features == 512 and model.grid == (16, 32)
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", ATTENTION_DECODERS)
 def test_attention_is_over_layer_tokens_not_the_batch(name):
     torch.manual_seed(0)
     model = _decoder(name).eval()
@@ -90,7 +97,7 @@ def test_attention_is_over_layer_tokens_not_the_batch(name):
         assert not torch.allclose(model.attention(x)[0][0, 1], model.attention(layer_changed)[0][0, 1])
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", ATTENTION_DECODERS)
 def test_every_decoder_trains_a_step(name):
     torch.manual_seed(0)
     model = _decoder(name)
@@ -116,8 +123,11 @@ def test_gaussian_ranges_only_for_density_decoders():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("daam-v1", 4, 32, 3, 8), "splits the 4 encoder layer"),
-    (("mixture", 2, 32, 3, None), "splits the 2 encoder layer"),
+    (("daam-v1", 4, 32, 3, 8), "heads 8 on 4 layers leaves a head fewer than 2 layers.*use heads 2 or fewer"),
+    (("gqdaam", 7, 32, 3, 4), "use heads 3 or fewer"),
+    (("mixture", 1, 32, 3, None), "over 1 layer is the identity.*or use decoder linear"),
+    (("linear", 3, 32, 3, None), "reads one layer's pooled features, got 3 layers"),
+    (("linear", 1, 32, 3, 2), "has no attention heads"),
     (("mha", 8, 30, 3, 8), "not divisible by 8 heads"),
     (("gqa", 8, 32, 3, 3), "multiple of the 2 key/value heads"),
     (("transformer", 8, 32, 3, None), "unknown decoder"),
@@ -126,3 +136,79 @@ def test_gaussian_ranges_only_for_density_decoders():
 def test_bad_decoder_settings_are_one_clear_error(args, message):
     with pytest.raises(DaamkitError, match=message):
         decoder_config(*args)
+
+
+def test_registry_marks_density_decoders():
+    assert DENSITY_DECODERS == ("daam-v1", "daam-v2", "gqdaam", "mixture")
+    assert [name for name, spec in REGISTRY.items() if spec.one_layer] == ["linear"]
+    assert [name for name, spec in REGISTRY.items() if not spec.table_row] == ["conv-head"]
+
+
+def test_linear_probe_is_one_linear_layer_on_one_layer():
+    torch.manual_seed(0)
+    model = build_decoder(decoder_config("linear", 1, D, C))
+    assert count_parameters(model) == D * C + C and attention_parameters(model) == 0
+    assert gaussian_parameter_ranges(model) is None
+    x = torch.randn(5, 1, D)
+    logits, gate = model(x, return_gate=True)
+    assert gate is None
+    torch.testing.assert_close(logits, x[:, 0] @ model.head.weight.T + model.head.bias)
+
+
+@pytest.mark.parametrize(("layers", "expected"), [(24, 8), (6, 3), (5, 2), (3, 1), (2, 1)])
+def test_default_density_heads_give_every_head_two_layers(layers, expected):
+    assert default_heads("daam-v1", layers) == expected
+    assert default_heads("daam-v2", layers) == 1
+    assert decoder_config("mixture", layers, D, C).heads == expected
+
+
+def _accepted_density_configs():
+    """Every (decoder, layers, heads) the CLI accepts for 2-7 layers: default heads and each explicit count."""
+    for name in DENSITY_DECODERS:
+        for layers in range(2, 8):
+            for heads in (None, *range(1, layers + 1)):
+                try:
+                    yield decoder_config(name, layers, 16, C, heads)
+                except DaamkitError:
+                    continue
+
+
+def _daam_parameters(model):
+    return [(n, p) for n, p in model.attention.named_parameters() if n.endswith("mean_offset") or n.endswith(".c")]
+
+
+def _inert(config) -> bool:
+    """Whether the DAAM parameters get an all-zero gradient at init, or the gate ignores the input once they move.
+
+    With 2 layers per head the initial gate is constant (standardised values are +-1 and the offset is 0)
+    but the offset's gradient is not zero; once it moves the gate depends on the input. With one layer per
+    head the standardised value is always 0, so the gradients are exactly 0 and the gate never changes.
+    """
+    model = build_decoder(config)
+    x = torch.randn(4, config.num_layers, config.hidden_size)
+    model(x).square().sum().backward()
+    if any(p.grad is None or not p.grad.abs().max() > 0 for _, p in _daam_parameters(model)):
+        return True
+    with torch.no_grad():
+        for name, param in _daam_parameters(model):
+            if name.endswith("mean_offset"):
+                param.normal_(0.0, 0.5)
+        gate = model(x, return_gate=True)[1]
+    return not gate.std() > 1e-3
+
+
+def test_no_accepted_density_configuration_is_inert():
+    torch.manual_seed(0)
+    configs = list(_accepted_density_configs())
+    assert {c.decoder for c in configs} == set(DENSITY_DECODERS) and len(configs) > 40
+    assert [c for c in configs if _inert(c)] == []
+
+
+@pytest.mark.parametrize("name", DENSITY_DECODERS)
+def test_one_layer_per_head_is_inert_and_refused(name):
+    """What the refusal prevents: a decoder built with one layer per head trains an inert DAAM."""
+    torch.manual_seed(0)
+    assert not _inert(decoder_config(name, 4, 16, C, 2))
+    assert _inert(DecoderConfig(name, 4, 16, C, 4))  # built without validation
+    with pytest.raises(DaamkitError, match="use heads 2 or fewer"):
+        decoder_config(name, 4, 16, C, 4)

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from daamkit.classify import ablation, reproduce
-from daamkit.classify.decoders import DECODERS
+from daamkit.classify.decoders import TABLE_DECODERS
 from daamkit.classify.reproduce import ReproduceOptions
 from daamkit.cli.main import app
 from daamkit.infra import progress
@@ -23,7 +23,7 @@ def _quiet(monkeypatch):
 
 def _invoke(agnews_dir, tiny_llama, out, *extra):
     return runner.invoke(app, ["classify", "reproduce", "--task", "agnews", "--data", str(agnews_dir), "--encoder",
-                               str(tiny_llama), "--out", str(out), "--quick", "--heads", "2", "--lora-ranks", "2",
+                               str(tiny_llama), "--out", str(out), "--quick", "--lora-ranks", "2",
                                "--quiet", *extra])
 
 
@@ -34,7 +34,7 @@ def test_reproduce_quick_end_to_end_then_resume(tmp_path, agnews_dir, tiny_llama
     report = json.loads((out / "report.json").read_text())
     (table,) = report["tables"]
     methods = [row["method"] for row in table["rows"]]
-    assert methods == [*DECODERS, "LoRA (r=2)", "LoRA+ (r=2)"] and table["columns"] == ["run1"]
+    assert methods == [*TABLE_DECODERS, "LoRA (r=2)", "LoRA+ (r=2)"] and table["columns"] == ["run1"]
     lora_row = table["rows"][-1]
     assert lora_row["trainable_parameters"] > 0 and lora_row["attention_parameters"] is None
     abl = report["ablation"]

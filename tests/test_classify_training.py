@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from classify_caches import one_torch_thread, write_session_cache, write_train_test_cache  # noqa: F401
 from daamkit.classify.batches import FeatureBatches
 from daamkit.classify.evaluation import evaluate_run
+from daamkit.classify.experiment import LR_GRID, MIN_TRAIN_STEPS, PAPER_EPOCHS, default_epochs
 from daamkit.classify.importance import importance_run
 from daamkit.classify.report import build_report, render_report
 from daamkit.classify.training import focal_loss, train_decoder
@@ -201,9 +202,11 @@ def test_cli_train_evaluate_report_and_errors(agnews_cache, tmp_path):
     for args, message in [
         (["train", "--features", str(agnews_cache), "--decoder", "daam-v2", "--out", str(out)], "already holds"),
         (["train", "--features", str(tmp_path), "--decoder", "mha", "--out", str(tmp_path / "x")], "not a feature cache"),
-        (["train", "--features", str(agnews_cache), "--decoder", "daam-v1", "--out", str(tmp_path / "x")],
-         "splits the 4 encoder layer"),
-        (["train", "--config", str(config), "--out", str(tmp_path / "x")], "--epochs must be at least 1"),
+        (["train", "--features", str(agnews_cache), "--decoder", "daam-v1", "--heads", "4", "--out",
+          str(tmp_path / "x")], "use heads 2 or fewer"),
+        (["train", "--features", str(agnews_cache), "--decoder", "mha", "--lr", "fast", "--out", str(tmp_path / "x")],
+         "lr must be a positive number or auto"),
+        (["train", "--config", str(config), "--out", str(tmp_path / "x")], "epochs must be at least 1"),
         (["train", "--config", str(config)], "--out is required"),
         (["evaluate", str(tmp_path)], "not a training run folder"),
         (["evaluate", str(out)], "is gone; pass --features"),
@@ -224,3 +227,26 @@ def test_unknown_names_are_reported_before_any_file_is_read(tmp_path):
     result = runner.invoke(app, ["classify", "extract", "--task", "speech", "--data", str(tmp_path),
                                  "--encoder", "no/such-model", "--out", str(tmp_path / "cache")])
     assert result.exit_code == 2 and "unknown task 'speech'" in result.stderr
+
+
+def test_linear_probe_with_lr_auto_on_a_user_task(tmp_path):
+    """A user's task defaults to lr auto: each grid lr trains the first split, the best dev accuracy wins."""
+    cache = write_train_test_cache(tmp_path / "cache", task="text-csv", num_train=48)
+    metrics = train_decoder(cache, "linear", tmp_path / "run", epochs=3)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert metrics["layers"] == [4] and metrics["attention_parameters"] == 0 and metrics["decoder"] == "linear"
+    search = run["lr_search"]
+    assert search["grid"] == list(LR_GRID) and run["lr"] == metrics["lr"] == search["chosen"]
+    assert search["dev_accuracy"][f"{search['chosen']:g}"] == max(search["dev_accuracy"].values())
+    chosen = search["dev_accuracy"]  # the winner's checkpoint is the split's best checkpoint
+    assert metrics["accuracy"]["per_split"][0]["dev_accuracy"] == chosen[f"{search['chosen']:g}"]
+    assert sorted(p.name for p in (tmp_path / "run" / "lr_search").iterdir()) == [f"lr{lr:g}" for lr in sorted(LR_GRID)]
+    paper = train_decoder(write_train_test_cache(tmp_path / "agnews"), "linear", tmp_path / "paper", epochs=1)
+    assert paper["lr"] == 1e-4  # the paper's tasks keep the paper's lr
+
+
+def test_default_epochs_reach_the_step_floor():
+    assert default_epochs(120_000, 32) == PAPER_EPOCHS
+    assert default_epochs(540, 32) == PAPER_EPOCHS  # 17 steps x 35 epochs >= MIN_TRAIN_STEPS
+    assert default_epochs(360, 32) == -(-MIN_TRAIN_STEPS // 12)
+    assert default_epochs(10, 32) == MIN_TRAIN_STEPS

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from daamkit.classify.decoders import MIN_LAYERS_PER_HEAD, max_density_heads
 from daamkit.classify.experiment import METRICS_FILE, load_run
 from daamkit.classify.importance import IMPORTANCE_DIR
 from daamkit.classify.report import METRICS
@@ -59,14 +60,31 @@ def _train_or_reuse(features: Path, run: dict, out: Path, layers: list[int], lab
             )
         log(f"{label}: reusing the finished run in {out}")
         return metrics
-    decoder = run["decoder"]
+    decoder, heads, method = ablation_decoder(run["decoder"], len(layers))
     return train_decoder(
-        features, decoder["decoder"], out, layers=",".join(map(str, layers)), epochs=run["epochs"], lr=run["lr"],
-        batch_size=run["batch_size"], seed=run["seed"], runs=run["runs"], heads=min(decoder["heads"], len(layers)),
-        gaussians=decoder["gaussians"], dev_fraction=run["dev_fraction"], loss=run["loss"],
+        features, decoder, out, layers=",".join(map(str, layers)), epochs=run["epochs"], lr=run["lr"],
+        batch_size=run["batch_size"], seed=run["seed"], runs=run["runs"], heads=heads,
+        gaussians=run["decoder"]["gaussians"], dev_fraction=run["dev_fraction"], loss=run["loss"],
         weight_decay=run["weight_decay"], mixed_precision=mixed_precision, cpu=cpu,
-        method=f"{run['method']} · {label}",
+        method=f"{run['method']} · {label}{method}",
     )
+
+
+def ablation_decoder(source: dict, num_layers: int) -> tuple[str, Optional[int], str]:
+    """(decoder, heads, label suffix) for the source decoder on `num_layers` layers, said in one log line.
+
+    Every head must span at least 2 layers, so heads are the source's or fewer. Over one layer DAAM is the
+    identity (its gate is exactly 1), so a single-layer ablation trains the conv head alone, labelled so.
+    """
+    name = source["decoder"]
+    if num_layers < MIN_LAYERS_PER_HEAD:
+        log(f"ablation on {num_layers} layer: DAAM over one layer is the identity, so the {name} decoder is "
+            "trained without it (conv head only)")
+        return "conv-head", None, " (no DAAM: identity over one layer)"
+    heads = min(source["heads"], max_density_heads(num_layers))
+    log(f"ablation on {num_layers} layers: {name} with {heads} head(s) (the source run had {source['heads']}; "
+        f"each head spans at least {MIN_LAYERS_PER_HEAD} layers)")
+    return name, heads, ""
 
 
 def _row(name: str, label: str, layers: list[int], metrics: dict, metric: str, run_dir: Path) -> dict:

@@ -1,4 +1,5 @@
-"""DAT decoders: an attention module over the encoder's layer tokens, then the paper's conv head.
+"""DAT decoders: an attention module over the encoder's layer tokens, then the paper's conv head; and the
+linear probe every table compares them with. Decoders come from one registry (`REGISTRY`).
 
 Input is one pooled vector per encoder layer, `[B, N_layers, d]`. Every attention module treats the N
 layers as the token (or norm) axis of one item, never the batch axis (the authors' MHA attends across
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -24,38 +25,139 @@ from daamkit.common import (
     MixtureDensityAdaptiveAttention,
 )
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log
 
-DECODERS = ("mha", "mha-bn", "gqa", "daam-v1", "daam-v2", "gqdaam", "mixture")
-# Decoders whose attention module produces a density gate (Importance Factor, Gaussian parameter table).
-DENSITY_DECODERS = ("daam-v1", "daam-v2", "gqdaam", "mixture")
-# The paper's head counts per decoder (Table 1); `--heads` overrides them.
-DEFAULT_HEADS = {"mha": 8, "mha-bn": 8, "gqa": 8, "daam-v1": 8, "daam-v2": 1, "gqdaam": 8, "mixture": 8}
 DEFAULT_GAUSSIANS = 4
 GQA_KV_HEADS = 2
 GQA_HEAD_DIM = 64
-GQDAAM_QUERY_HEADS = 8  # GQDAAM's GQA stage keeps the paper's 8 query heads; --heads sets its DAAM heads
+GQDAAM_QUERY_HEADS = 8  # GQDAAM's GQA stage keeps the paper's 8 query heads; `heads` sets its DAAM heads
 CONV_CHANNELS = 512
+# A density head standardises over its own chunk of layers: over one layer the value is always 0, so the
+# gate is exactly 1 and its parameters get zero gradients (DAAM is inert). Every head needs this many.
+MIN_LAYERS_PER_HEAD = 2
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Everything needed to rebuild a decoder (stored in checkpoints and run.json)."""
+    """Everything needed to rebuild a decoder (stored in checkpoints and run.json); `heads` is None for linear."""
 
     decoder: str
     num_layers: int
     hidden_size: int
     num_classes: int
-    heads: int
+    heads: Optional[int]
     gaussians: int = DEFAULT_GAUSSIANS
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def check_decoder(decoder: str) -> None:
-    """DaamkitError for a decoder name daamkit does not build."""
-    if decoder not in DECODERS:
+class _SelfAttention(nn.Module):
+    """nn.MultiheadAttention as self-attention over the layer tokens of each item (batch_first: never the batch)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(width, heads, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def _no_attention(config: DecoderConfig) -> tuple[nn.Module, int]:
+    return nn.Identity(), config.hidden_size
+
+
+def _mha(config: DecoderConfig) -> tuple[nn.Module, int]:
+    return _SelfAttention(config.hidden_size, config.heads), config.hidden_size
+
+
+def _mha_bn(config: DecoderConfig) -> tuple[nn.Module, int]:
+    return nn.Sequential(_SelfAttention(config.hidden_size, config.heads), nn.BatchNorm1d(config.num_layers)), \
+        config.hidden_size
+
+
+def _gqa(config: DecoderConfig) -> tuple[nn.Module, int]:
+    module = GroupedQueryAttention(config.hidden_size, num_query_heads=config.heads, num_kv_heads=GQA_KV_HEADS,
+                                   head_dim=GQA_HEAD_DIM)
+    return module, config.heads * GQA_HEAD_DIM
+
+
+def _daam(config: DecoderConfig) -> tuple[nn.Module, int]:
+    """daam-v1 / daam-v2: statistics across the layer axis, one (mean offset, c) pair per feature and head."""
+    return DensityAdaptiveAttention(config.heads, config.hidden_size, norm_axis=1, feature_axis=-1), config.hidden_size
+
+
+def _gqdaam(config: DecoderConfig) -> tuple[nn.Module, int]:
+    module = GQDAAM(config.hidden_size, num_heads=config.heads, num_query_heads=GQDAAM_QUERY_HEADS,
+                    num_kv_heads=GQA_KV_HEADS, head_dim=GQA_HEAD_DIM)
+    return module, GQDAAM_QUERY_HEADS * GQA_HEAD_DIM
+
+
+def _mixture(config: DecoderConfig) -> tuple[nn.Module, int]:
+    return DensityBlock(1, config.heads, config.gaussians, norm_axis=1), config.hidden_size
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """One registry entry: how to build the attention stage and what the decoder needs.
+
+    `attention` is None for the linear probe (no attention stage, no conv head). `density` decoders produce
+    a density gate (Importance Factor, Gaussian table) and need `MIN_LAYERS_PER_HEAD` layers per head.
+    `paper_heads` is the paper's head count (Table 1), None where heads do not apply. `table_row`: a row
+    `classify reproduce` trains (the ablation-only conv head is not).
+    """
+
+    attention: Optional[Callable[[DecoderConfig], tuple[nn.Module, int]]]
+    paper_heads: Optional[int]
+    density: bool = False
+    table_row: bool = True
+
+    @property
+    def one_layer(self) -> bool:
+        """The linear probe reads the pooled features of exactly one layer."""
+        return self.attention is None
+
+
+REGISTRY: dict[str, DecoderSpec] = {
+    "linear": DecoderSpec(None, None),
+    # The DAT conv head alone: what a density decoder over one layer amounts to (DAAM there is the identity).
+    "conv-head": DecoderSpec(_no_attention, None, table_row=False),
+    "mha": DecoderSpec(_mha, 8),
+    "mha-bn": DecoderSpec(_mha_bn, 8),
+    "gqa": DecoderSpec(_gqa, 8),
+    "daam-v1": DecoderSpec(_daam, 8, density=True),
+    "daam-v2": DecoderSpec(_daam, 1, density=True),
+    "gqdaam": DecoderSpec(_gqdaam, 8, density=True),
+    "mixture": DecoderSpec(_mixture, 8, density=True),
+}
+DECODERS = tuple(REGISTRY)
+DENSITY_DECODERS = tuple(name for name, spec in REGISTRY.items() if spec.density)
+TABLE_DECODERS = tuple(name for name, spec in REGISTRY.items() if spec.table_row)
+
+
+def check_decoder(decoder: str) -> DecoderSpec:
+    """The registry entry of `decoder`, or a DaamkitError for a name daamkit does not build."""
+    if decoder not in REGISTRY:
         raise DaamkitError(f"unknown decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
+    return REGISTRY[decoder]
+
+
+def is_density(decoder: str) -> bool:
+    """Whether `decoder` produces a density gate (Importance Factor, Gaussian parameter table)."""
+    return check_decoder(decoder).density
+
+
+def max_density_heads(num_layers: int) -> int:
+    """The most heads a density decoder may split `num_layers` layers into (each head gets >= 2 layers)."""
+    return num_layers // MIN_LAYERS_PER_HEAD
+
+
+def default_heads(decoder: str, num_layers: int) -> Optional[int]:
+    """The paper's head count, lowered for density decoders until every head spans at least 2 layers."""
+    spec = check_decoder(decoder)
+    if spec.density:
+        return max(1, min(spec.paper_heads, max_density_heads(num_layers)))
+    return spec.paper_heads
 
 
 def decoder_config(
@@ -66,19 +168,42 @@ def decoder_config(
     heads: Optional[int] = None,
     gaussians: Optional[int] = None,
 ) -> DecoderConfig:
-    """Validate a decoder choice against the cache shape; every bad combination is one DaamkitError line."""
-    check_decoder(decoder)
-    heads = DEFAULT_HEADS[decoder] if heads is None else heads
+    """Validate a decoder choice against the cache shape; every bad combination is one DaamkitError line.
+
+    With `heads=None` a density decoder takes the paper's head count or fewer (see `default_heads`) and
+    says so when it had to lower it; an explicit `heads` that leaves a head fewer than 2 layers is refused.
+    """
+    spec = check_decoder(decoder)
     gaussians = DEFAULT_GAUSSIANS if gaussians is None else gaussians
-    if heads < 1 or gaussians < 1:
-        raise DaamkitError("--heads and --gaussians must be at least 1")
+    if heads is not None and heads < 1 or gaussians < 1:
+        raise DaamkitError(f"heads and gaussians must be at least 1, got {heads} and {gaussians}")
     if num_classes < 2:
         raise DaamkitError(f"a classifier needs at least 2 classes, the feature cache has {num_classes}")
-    if decoder in DENSITY_DECODERS and num_layers < heads:
-        raise DaamkitError(
-            f"decoder {decoder} splits the {num_layers} encoder layer(s) among {heads} heads; "
-            f"use --heads {num_layers} or fewer, or train on more layers"
-        )
+    if spec.paper_heads is None and heads is not None:
+        raise DaamkitError(f"decoder {decoder} has no attention heads; leave heads unset")
+    if spec.one_layer:
+        if num_layers != 1:
+            raise DaamkitError(f"decoder {decoder} reads one layer's pooled features, got {num_layers} layers; "
+                               "choose one layer (e.g. layers 12) or leave layers unset for the last one")
+        return DecoderConfig(decoder, num_layers, hidden_size, num_classes, None, gaussians)
+    if spec.density:
+        if num_layers < MIN_LAYERS_PER_HEAD:
+            raise DaamkitError(
+                f"decoder {decoder} over {num_layers} layer is the identity (DAAM standardises across layers: "
+                f"its gate is exactly 1); train it on at least {MIN_LAYERS_PER_HEAD} layers, or use decoder linear"
+            )
+        most = max_density_heads(num_layers)
+        if heads is None:
+            heads = default_heads(decoder, num_layers)
+            if heads < spec.paper_heads:
+                log(f"decoder {decoder}: {heads} head(s) instead of the paper's {spec.paper_heads}, so that each "
+                    f"of them spans at least {MIN_LAYERS_PER_HEAD} of the {num_layers} layers")
+        elif heads > most:
+            raise DaamkitError(
+                f"decoder {decoder}: heads {heads} on {num_layers} layers leaves a head fewer than "
+                f"{MIN_LAYERS_PER_HEAD} layers (DAAM over one layer is the identity); use heads {most} or fewer"
+            )
+    heads = spec.paper_heads if heads is None else heads
     if decoder in ("mha", "mha-bn") and hidden_size % heads:
         raise DaamkitError(f"decoder {decoder}: hidden size {hidden_size} is not divisible by {heads} heads")
     if decoder == "gqa" and heads % GQA_KV_HEADS:
@@ -99,37 +224,12 @@ class _AttentionStage(nn.Module):
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
-        n, d, heads = config.num_layers, config.hidden_size, config.heads
-        self.kind = config.decoder
-        self.norm: Optional[nn.Module] = None
-        if self.kind in ("mha", "mha-bn"):
-            # batch_first=True: the sequence axis is the N layer tokens of each item, not the batch.
-            self.module = nn.MultiheadAttention(d, heads, batch_first=True)
-            if self.kind == "mha-bn":
-                self.norm = nn.BatchNorm1d(n)
-            self.out_features = d
-        elif self.kind == "gqa":
-            self.module = GroupedQueryAttention(d, num_query_heads=heads, num_kv_heads=GQA_KV_HEADS, head_dim=GQA_HEAD_DIM)
-            self.out_features = heads * GQA_HEAD_DIM
-        elif self.kind == "gqdaam":
-            self.module = GQDAAM(
-                d, num_heads=heads, num_query_heads=GQDAAM_QUERY_HEADS, num_kv_heads=GQA_KV_HEADS, head_dim=GQA_HEAD_DIM
-            )
-            self.out_features = GQDAAM_QUERY_HEADS * GQA_HEAD_DIM
-        elif self.kind == "mixture":
-            self.module = DensityBlock(1, heads, config.gaussians, norm_axis=1)
-            self.out_features = d
-        else:  # daam-v1 / daam-v2: statistics across the layer axis, one (delta, c) pair per feature and head
-            self.module = DensityAdaptiveAttention(heads, d, norm_axis=1, feature_axis=-1)
-            self.out_features = d
+        spec = REGISTRY[config.decoder]
+        self.module, self.out_features = spec.attention(config)
+        self.density = spec.density
 
     def forward(self, x: Tensor, return_gate: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        if self.kind in ("mha", "mha-bn"):
-            out = self.module(x, x, x, need_weights=False)[0]
-            return (out if self.norm is None else self.norm(out)), None
-        if self.kind == "gqa":
-            return self.module(x), None
-        if return_gate:
+        if self.density and return_gate:
             return self.module(x, return_gate=True)
         return self.module(x), None
 
@@ -151,10 +251,7 @@ class DATDecoder(nn.Module):
             nn.Flatten(),
             nn.Linear(n * width, config.num_classes),
         )
-        for layer in self.head:
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        _xavier(self.head)
 
     def forward(self, x: Tensor, return_gate: bool = False):
         """Logits `[B, classes]`; with `return_gate=True` also the density gate `[B, N, d]` (None if not DAAM)."""
@@ -163,12 +260,41 @@ class DATDecoder(nn.Module):
         return (logits, gate) if return_gate else logits
 
 
-def build_decoder(config: DecoderConfig) -> DATDecoder:
+class LinearProbe(nn.Module):
+    """The simplest honest baseline: one Linear layer on the pooled features of one encoder layer `[B, 1, d]`."""
+
+    attention = None  # no attention stage: nothing to gate, no Importance Factor
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.head = nn.Linear(config.hidden_size, config.num_classes)
+        _xavier(self.head)
+
+    def forward(self, x: Tensor, return_gate: bool = False):
+        logits = self.head(x.flatten(1))
+        return (logits, None) if return_gate else logits
+
+
+def _xavier(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every conv/linear layer outside the attention module."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
+def build_decoder(config: DecoderConfig) -> nn.Module:
     """A fresh decoder for `config` (core ValueErrors about shapes become one DaamkitError line)."""
     try:
-        return DATDecoder(config)
+        return LinearProbe(config) if REGISTRY[config.decoder].one_layer else DATDecoder(config)
     except ValueError as err:
         raise DaamkitError(f"cannot build decoder {config.decoder}: {err}") from err
+
+
+def attention_parameters(decoder: nn.Module) -> int:
+    """Trainable parameters of the decoder's attention stage (0 for the linear probe)."""
+    return 0 if decoder.attention is None else count_parameters(decoder.attention)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -176,13 +302,13 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def gaussian_parameter_ranges(decoder: DATDecoder) -> Optional[dict]:
+def gaussian_parameter_ranges(decoder: nn.Module) -> Optional[dict]:
     """Min/max of the learned mean offsets and scaled variances `c` (paper Table 5), or None for non-DAAM decoders.
 
     The raw parameters are reported; the forward pass clamps `c` to a small positive floor.
     """
     offsets, variances = [], []
-    for module in decoder.attention.modules():
+    for module in () if decoder.attention is None else decoder.attention.modules():
         if isinstance(module, (DensityAdaptiveAttention, MixtureDensityAdaptiveAttention)):
             offsets.append(module.mean_offset.detach().float().flatten())
             variances.append(module.c.detach().float().flatten())

@@ -19,7 +19,15 @@ from daamkit.infra.errors import DaamkitError
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 SPEECH_TASKS = ("iemocap", "audio-folder")
+# The paper's experiments; every other task is a user's own data, where `lr` defaults to "auto".
+PAPER_TASKS = ("iemocap", "agnews", "cifar100")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+PAPER_EPOCHS = 35
+# The paper's budget (35 epochs over 5k-120k items) is thousands of optimizer steps; on a user's few
+# hundred items 35 epochs are a few hundred steps, so the default budget is at least this many steps.
+MIN_TRAIN_STEPS = 500
+# `lr="auto"`: candidates tried on the first fold/run, the best dev accuracy wins (see training.search_lr).
+LR_GRID = (3e-4, 1e-3, 3e-3)
 
 
 def is_speech(manifest: dict) -> bool:
@@ -34,6 +42,27 @@ def default_lr(manifest: dict) -> float:
 
 def default_batch_size(manifest: dict) -> int:
     return 8 if is_speech(manifest) else 32
+
+
+def resolve_lr(lr, manifest: dict) -> float | str:
+    """A positive float, or "auto"; None is "auto" on a user's task and the paper's value on the paper's tasks."""
+    if lr is None:
+        return default_lr(manifest) if manifest.get("task") in PAPER_TASKS else "auto"
+    if isinstance(lr, str) and lr.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0:
+        raise DaamkitError(f"lr must be a positive number or auto, got {lr!r}")
+    return value
+
+
+def default_epochs(num_train_items: int, batch_size: int) -> int:
+    """The paper's 35 epochs, or more when 35 epochs of this training pool are fewer than MIN_TRAIN_STEPS steps."""
+    steps_per_epoch = -(-num_train_items // batch_size)
+    return max(PAPER_EPOCHS, -(-MIN_TRAIN_STEPS // steps_per_epoch))
 
 
 def resolve_mixed_precision(choice: str) -> str:

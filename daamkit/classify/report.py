@@ -2,7 +2,7 @@
 
 One accuracy table per (task, encoder) and metric (chunk-level `accuracy`; IEMOCAP adds
 `utterance_accuracy`): one row per run (method), one column per fold/run, then mean +- std, as in the
-paper's Tables 2-4. Runs of DAAM decoders also fill the Gaussian-parameter table (paper Table 5): the
+paper's Tables 2-4, and a note when no `linear` probe row is among them. Runs of DAAM decoders also fill the Gaussian-parameter table (paper Table 5): the
 min and max of the learned mean offsets and scaled variances. Any run folder with a `metrics.json` of
 this shape takes part, so LoRA baselines land in the same tables (their `trainable_parameters`, when
 given, is shown as the trainable parameter count).
@@ -50,6 +50,7 @@ def build_report(run_dirs: Sequence[str | Path]) -> dict:
             table["columns"] += [name for name in per_split if name not in table["columns"]]
             table["rows"].append({
                 "method": method,
+                "decoder": metrics.get("decoder"),
                 "run_dir": str(run_dir),
                 "attention_parameters": metrics.get("attention_parameters"),
                 "trainable_parameters": metrics.get("trainable_parameters", metrics.get("decoder_parameters")),
@@ -84,6 +85,9 @@ def render_markdown(report: dict) -> str:
             cells += [_percent(row["per_split"].get(name)) for name in table["columns"]]
             cells.append(f"{_percent(row['mean'])} ± {_percent(row['std'])}")
             lines.append("| " + " | ".join(cells) + " |")
+        if not any(row["decoder"] == "linear" for row in table["rows"]):
+            lines.append("(no linear-probe row: train one with `classify train --decoder linear` on the same "
+                         "features, the simplest honest baseline)")
         lines.append("")
     if report["gaussian_parameters"]:
         lines += ["### Learned Gaussian parameters", "",

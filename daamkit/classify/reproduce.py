@@ -3,7 +3,7 @@
 For a task, data folder and encoder it runs, in `OUT`:
 
     features/                      the feature cache (`classify extract`, reused when valid)
-    runs/<decoder>/                one `classify train` run per DAT decoder (mha ... mixture)
+    runs/<decoder>/                one `classify train` run per decoder (linear probe, mha ... mixture)
     runs/lora-r<R>/, runs/loraplus-r<R>/   the LoRA and LoRA+ baselines (`classify lora`)
     ablation-k<K>/                 the IF layer ablation of the `--ablation-source` run (`classify ablate`)
     report.md, report.json         the accuracy tables of every finished run plus the ablation table
@@ -21,8 +21,8 @@ from typing import Optional
 
 from daamkit.classify.ablation import render_markdown as render_ablation
 from daamkit.classify.ablation import run_ablation
-from daamkit.classify.decoders import DECODERS, DENSITY_DECODERS, decoder_config
-from daamkit.classify.experiment import METRICS_FILE
+from daamkit.classify.decoders import DENSITY_DECODERS, REGISTRY, TABLE_DECODERS, decoder_config
+from daamkit.classify.experiment import METRICS_FILE, default_lr
 from daamkit.classify.extract import extract_features
 from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.lora import train_lora
@@ -33,7 +33,7 @@ from daamkit.infra.errors import DaamkitError
 from daamkit.infra.progress import log
 
 LORA_METHODS = ("lora", "loraplus")
-METHODS = (*DECODERS, *LORA_METHODS, "ablation")
+METHODS = (*TABLE_DECODERS, *LORA_METHODS, "ablation")
 GROUPED_TASKS = ("iemocap",)  # leave-one-session-out folds instead of seeded runs
 SETTINGS_FILE = "reproduce.json"
 QUICK = {"epochs": 2, "lora_epochs": 1, "runs": 1, "max_items": 64}
@@ -126,17 +126,21 @@ def reproduce_experiment(task: str, data_dir: str | Path, encoder: str, out_dir:
     common = {"seed": options.seed, "runs": runs, "mixed_precision": options.mixed_precision, "cpu": options.cpu}
     features = out / "features"
     run_dirs: list[Path] = []
-    decoders = [m for m in options.methods if m in DECODERS]
+    decoders = [m for m in options.methods if m in TABLE_DECODERS]
+    # --heads applies to decoders with heads; the linear probe reads the last layer
+    heads = {d: None if REGISTRY[d].paper_heads is None else options.heads for d in decoders}
     if decoders:
         extract_features(task, data_dir, encoder, features, batch_size=options.batch_size, dtype=options.dtype,
                          device="cpu" if options.cpu else "auto", max_items=options.max_items)
         cache = FeatureCache.open(features)
         for decoder in decoders:  # a bad --heads for any decoder fails now, not hours into the experiment
-            decoder_config(decoder, len(cache.layers), cache.manifest["hidden_size"], len(cache.classes), options.heads)
+            layers = 1 if REGISTRY[decoder].one_layer else len(cache.layers)
+            decoder_config(decoder, layers, cache.manifest["hidden_size"], len(cache.classes), heads[decoder])
     for decoder in decoders:
         run_dir = out / "runs" / decoder
         if not _finished(run_dir, decoder):
-            train_decoder(features, decoder, run_dir, epochs=options.epochs, heads=options.heads, **common)
+            train_decoder(features, decoder, run_dir, epochs=options.epochs, lr=default_lr(cache.manifest),
+                          heads=heads[decoder], **common)
         run_dirs.append(run_dir)
     for method in (m for m in options.methods if m in LORA_METHODS):
         for rank in options.lora_ranks:

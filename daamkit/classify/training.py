@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from daamkit.classify.batches import FeatureBatches
 from daamkit.classify.decoders import (
-    DENSITY_DECODERS,
     DecoderConfig,
+    attention_parameters,
     build_decoder,
     check_decoder,
     count_parameters,
@@ -29,12 +29,16 @@ from daamkit.classify.evaluation import accuracy, load_split_decoder, predict, s
 from daamkit.classify.experiment import (
     METRICS_FILE,
     RUN_FILE,
+    LR_GRID,
     RunContext,
     default_batch_size,
-    default_lr,
+    default_epochs,
     is_speech,
     load_run,
     make_accelerator,
+    open_sources,
+    plan_splits,
+    resolve_lr,
     resolve_mixed_precision,
     split_checkpoint_dir,
 )
@@ -48,6 +52,7 @@ from daamkit.infra.progress import log, progress_bar
 LOSSES = ("auto", "focal", "ce")
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.5
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 3
+LR_SEARCH_DIR = "lr_search"
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = FOCAL_ALPHA,
@@ -63,8 +68,8 @@ def train_decoder(
     out_dir: str | Path,
     *,
     layers: Optional[str] = None,
-    epochs: int = 35,
-    lr: Optional[float] = None,
+    epochs: Optional[int] = None,
+    lr: float | str | None = None,
     batch_size: Optional[int] = None,
     seed: int = 0,
     runs: int = 1,
@@ -82,25 +87,32 @@ def train_decoder(
     """Train `decoder` on the cache in `features_dir`; write the run into `out_dir` and return its metrics.
 
     `layers` is a `--layers` spec ("9", "19-21") of encoder layer numbers; None trains on every cached
-    layer. `lr`/`batch_size` default to the paper's (1e-4, 5e-5 for Llama; 8 for speech, 32 otherwise);
+    layer (the linear probe: on the last one). `lr` is a number or "auto" (chosen on the first split's dev
+    items from `LR_GRID`); None is "auto" on a user's task and the paper's value (1e-4, 5e-5 for Llama) on
+    the paper's tasks. `epochs` None is the paper's 35, raised to `MIN_TRAIN_STEPS` optimizer steps on a
+    small training pool. `batch_size` defaults to the paper's (8 for speech, 32 otherwise);
     `loss="auto"` is the focal loss for speech and cross-entropy otherwise. `method` names the row in
     reports (default: the decoder name, plus the layers when a subset is used).
     """
     out_dir = Path(out_dir)
-    if epochs < 1:
-        raise DaamkitError(f"--epochs must be at least 1, got {epochs}")
+    if epochs is not None and epochs < 1:
+        raise DaamkitError(f"epochs must be at least 1, got {epochs}")
     if loss not in LOSSES:
-        raise DaamkitError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    check_decoder(decoder)  # before any file is read
+        raise DaamkitError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    spec = check_decoder(decoder)  # before any file is read
     if (out_dir / METRICS_FILE).exists() and not overwrite:
         raise DaamkitError(f"{out_dir} already holds a finished run; pass --overwrite or choose another --out")
     cache = FeatureCache.open(features_dir)
     manifest = cache.manifest
     positions = parse_layers(layers, cache.layers)
-    positions = list(range(len(cache.layers))) if positions is None else positions
+    if positions is None:
+        positions = [len(cache.layers) - 1] if spec.one_layer else list(range(len(cache.layers)))
     config = decoder_config(decoder, len(positions), manifest["hidden_size"], len(cache.classes), heads, gaussians)
-    if lr is not None and lr <= 0 or batch_size is not None and batch_size < 1:
-        raise DaamkitError("--lr must be positive and --batch-size at least 1")
+    lr = resolve_lr(lr, manifest)
+    if batch_size is not None and batch_size < 1:
+        raise DaamkitError(f"batch size must be at least 1, got {batch_size}")
+    batch_size = batch_size or default_batch_size(manifest)
+    plans = plan_splits(manifest.get("grouping"), open_sources(cache), seed=seed, runs=runs, dev_fraction=dev_fraction)
     run = {
         "version": 1,
         "features": str(Path(features_dir).resolve()),
@@ -113,9 +125,9 @@ def train_decoder(
         "method": method or (decoder if layers is None else f"{decoder} [layers {layers}]"),
         "layer_positions": positions,
         "layer_numbers": [cache.layers[p] for p in positions],
-        "epochs": epochs,
-        "lr": lr if lr is not None else default_lr(manifest),
-        "batch_size": batch_size or default_batch_size(manifest),
+        "epochs": epochs or default_epochs(min(len(plan.train) for plan in plans), batch_size),
+        "lr": lr,
+        "batch_size": batch_size,
         "weight_decay": weight_decay,
         "loss": ("focal" if is_speech(manifest) else "ce") if loss == "auto" else loss,
         "dev_fraction": dev_fraction,
@@ -125,34 +137,76 @@ def train_decoder(
         "compile": compile,
     }
     if overwrite:  # only what a run writes; other files in the folder are left alone
-        for folder in ("splits", "tensorboard", IMPORTANCE_DIR):
+        for folder in ("splits", "tensorboard", IMPORTANCE_DIR, LR_SEARCH_DIR):
             shutil.rmtree(out_dir / folder, ignore_errors=True)
         (out_dir / METRICS_FILE).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / RUN_FILE, run)
     context = load_run(out_dir)
     accelerator = make_accelerator(run["mixed_precision"], cpu=cpu)
+    log(f"{run['method']}: {run['epochs']} epochs, batch {batch_size}, lr {lr}, "
+        f"layers {','.join(map(str, run['layer_numbers']))}")
     history = {}
-    for plan in context.plans:
+    plans = context.plans
+    if run["lr"] == "auto":
+        history[plans[0].name] = search_lr(context, plans[0], accelerator)
+        plans = plans[1:]
+    for plan in plans:
         history[plan.name] = _train_split(context, plan, accelerator)
     metrics = _finish_run(context, accelerator, history)
     if accelerator.is_main_process:
         atomic_write_json(out_dir / METRICS_FILE, metrics)
-        if decoder in DENSITY_DECODERS:
+        if spec.density:
             write_importance(context, accelerator)
     accelerator.wait_for_everyone()
     return metrics
 
 
-def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
-    """Train one fold/run for the configured epochs; save the checkpoint of the best dev epoch."""
+def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
+    """`lr="auto"`: train `plan` once per learning rate of LR_GRID, keep the best by dev accuracy.
+
+    The winner (highest best-epoch dev accuracy; ties go to the higher mean dev accuracy over all epochs,
+    i.e. the faster, steadier learner) becomes the run's `lr` in run.json, its checkpoint is the split's
+    best checkpoint, and every later split trains with it. Cost: len(LR_GRID) trainings of the first split.
+    """
+    run = context.run
+    results = []
+    for lr in LR_GRID:
+        folder = context.run_dir / LR_SEARCH_DIR / f"lr{lr:g}"
+        history = _train_split(context, plan, accelerator, lr=lr, checkpoint_dir=folder,
+                               log_dir=f"{LR_SEARCH_DIR}/lr{lr:g}/{plan.name}")
+        dev = [record["dev_accuracy"] for record in history]
+        results.append({"lr": lr, "best_dev_accuracy": max(dev), "mean_dev_accuracy": sum(dev) / len(dev),
+                        "history": history, "checkpoint": folder})
+    winner = max(results, key=lambda r: (r["best_dev_accuracy"], r["mean_dev_accuracy"]))
+    if accelerator.is_main_process:
+        target = context.checkpoint_dir(plan.name)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(winner["checkpoint"], target)
+        run["lr"] = winner["lr"]
+        run["lr_search"] = {"split": plan.name, "grid": list(LR_GRID), "chosen": winner["lr"],
+                            "dev_accuracy": {f"{r['lr']:g}": r["best_dev_accuracy"] for r in results}}
+        atomic_write_json(context.run_dir / RUN_FILE, run)
+    accelerator.wait_for_everyone()
+    run["lr"] = winner["lr"]
+    log(f"lr auto: {winner['lr']:g} (dev accuracy " +
+        ", ".join(f"{r['lr']:g}: {r['best_dev_accuracy']:.3f}" for r in results) + ")")
+    return winner["history"]
+
+
+def _train_split(context: RunContext, plan: SplitPlan, accelerator, lr: Optional[float] = None,
+                 checkpoint_dir: Optional[Path] = None, log_dir: Optional[str] = None) -> list[dict]:
+    """Train one fold/run for the configured epochs; save the checkpoint of the best dev epoch.
+
+    `lr`, `checkpoint_dir` and `log_dir` (under `tensorboard/`) override the run's for the lr search.
+    """
     from accelerate.utils import set_seed
     from torch.utils.tensorboard import SummaryWriter
 
     run = context.run
     set_seed(plan.seed)
     model = build_decoder(DecoderConfig(**run["decoder"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=run["lr"], weight_decay=run["weight_decay"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr or run["lr"], weight_decay=run["weight_decay"])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
     )
@@ -165,7 +219,8 @@ def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict
         shard=(accelerator.process_index, accelerator.num_processes),
     )
     loss_fn = focal_loss if run["loss"] == "focal" else F.cross_entropy
-    writer = SummaryWriter(str(context.run_dir / "tensorboard" / plan.name)) if accelerator.is_main_process else None
+    log_dir = context.run_dir / "tensorboard" / (log_dir or plan.name)
+    writer = SummaryWriter(str(log_dir)) if accelerator.is_main_process else None
     history, best = [], -1.0
     with progress_bar(f"{plan.name} train", total=run["epochs"] * len(batches)) as bar:
         for epoch in range(1, run["epochs"] + 1):
@@ -194,7 +249,7 @@ def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict
                 best = dev_accuracy
                 if accelerator.is_main_process:
                     save_checkpoint(
-                        split_checkpoint_dir(context.run_dir, plan.name),
+                        checkpoint_dir or split_checkpoint_dir(context.run_dir, plan.name),
                         model.state_dict(),
                         {"decoder": run["decoder"], "split": plan.name, "seed": plan.seed, "best_epoch": epoch,
                          "dev_accuracy": dev_accuracy, "layer_positions": context.layer_positions},
@@ -221,8 +276,9 @@ def _finish_run(context: RunContext, accelerator, history: dict[str, list[dict]]
         "layers": run["layer_numbers"],
         "seeds": [plan.seed for plan in context.plans],
         "epochs": run["epochs"],
+        "lr": run["lr"],
         "decoder_parameters": count_parameters(model),
-        "attention_parameters": count_parameters(model.attention),
+        "attention_parameters": attention_parameters(model),
         "history": history,
     }
     if ranges[0] is not None:
