@@ -186,8 +186,31 @@ def test_generic_readers(text_csv_dir, image_folder_dir, audio_folder_dir):
     assert images.splits["train"].load(5).mode == "RGB" and images.splits["test"].items[1]["id"] == "test/dog/0.png"
     audio = load_task("audio-folder", audio_folder_dir)
     train = audio.splits["train"]
-    assert audio.classes == ["no", "yes"] and train.items[1]["id"] == "train/no/1.wav"
+    assert audio.classes == ["no", "yes"] and train.items[1]["id"] == "train/no/1.wav#0"
+    assert train.items[1]["utterance"] == "train/no/1.wav"
     assert len(train.load(1)) == round(0.5 * 16000)  # 22.05 kHz file resampled
+
+
+def test_audio_folder_clips_are_cut_into_5_second_chunks(tmp_path):
+    """Like IEMOCAP: 5 s chunks that keep their clip as utterance id; a trailing piece under 1 s is dropped."""
+    import soundfile
+
+    for split in ("train", "test"):
+        for cls, seconds in (("a", 11.5), ("b", 5.4)):
+            (tmp_path / split / cls).mkdir(parents=True)
+            soundfile.write(tmp_path / split / cls / "clip.wav", np.zeros(int(seconds * 8000), np.float32), 8000)
+    train = load_task("audio-folder", tmp_path).splits["train"]
+    assert [item["id"] for item in train.items] == ["train/a/clip.wav#0", "train/a/clip.wav#1", "train/a/clip.wav#2",
+                                                   "train/b/clip.wav#0"]
+    assert {item["utterance"] for item in train.items} == {"train/a/clip.wav", "train/b/clip.wav"}
+    assert train.labels == [0, 0, 0, 1] and [len(train.load(i)) for i in range(4)] == [80000, 80000, 24000, 80000]
+
+
+def test_text_csv_saved_with_a_utf8_bom_is_read(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.csv").write_text("text,label\nfirst,pos\nsecond,neg\n", encoding="utf-8-sig")
+    data = load_task("text-csv", tmp_path)
+    assert data.classes == ["neg", "pos"] and data.splits["train"].load(0) == "first"
 
 
 def test_max_items_spreads_and_changes_the_fingerprint(iemocap_dir):

@@ -233,7 +233,7 @@ def _read_agnews(root: Path, sampling_rate: int):
     for name in ("train", "test"):
         path = root / f"{name}.csv"
         texts, labels = [], []
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             for line_no, row in enumerate(csv.reader(handle), start=1):
                 if len(row) != 3:
                     raise DaamkitError(f"{path}:{line_no}: expected 3 columns (class, title, description), got {len(row)}")
@@ -263,7 +263,7 @@ def _read_text_csv(root: Path, sampling_rate: int):
     rows, sources = {}, []
     for name in ("train", "test"):
         path = root / f"{name}.csv"
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" has a BOM
             reader = csv.DictReader(handle)
             missing = {"text", "label"} - set(reader.fieldnames or [])
             if missing:
@@ -336,8 +336,11 @@ def _load_image(path: Path):
 # ---------------------------------------------------------------- class folders
 
 
-def _read_class_folders(root: Path, suffixes: set[str], load_file: Callable[[Path], Any]):
-    """DIR/train/<class>/* and DIR/test/<class>/*; classes come from train, test may not add any."""
+def _class_files(root: Path, suffixes: set[str]):
+    """(classes, {split: (files, labels)}, sources) of DIR/train/<class>/* and DIR/test/<class>/*.
+
+    Classes come from train; test may not add any.
+    """
     for name in ("train", "test"):
         if not (root / name).is_dir():
             raise DaamkitError(f"{root / name} is missing; expected {root}/train/<class>/ and {root}/test/<class>/")
@@ -352,18 +355,39 @@ def _read_class_folders(root: Path, suffixes: set[str], load_file: Callable[[Pat
             for path in sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in suffixes and p.is_file()):
                 files.append(path)
                 labels.append(index[class_dir.name])
-        items = [{"id": str(p.relative_to(root)), "group": None, "utterance": None} for p in files]
-        splits[name] = DatasetSplit(name, items, labels, lambda i, files=files: load_file(files[i]))
+        splits[name] = (files, labels)
         sources.extend(_file_signature(p, root) for p in files)
-    return classes, splits, None, sources
+    return classes, splits, sources
 
 
 def _read_image_folder(root: Path, sampling_rate: int):
-    return _read_class_folders(root, IMAGE_SUFFIXES, _load_image)
+    classes, files, sources = _class_files(root, IMAGE_SUFFIXES)
+    splits = {}
+    for name, (paths, labels) in files.items():
+        items = [{"id": str(p.relative_to(root)), "group": None, "utterance": None} for p in paths]
+        splits[name] = DatasetSplit(name, items, labels, lambda i, paths=paths: _load_image(paths[i]))
+    return classes, splits, None, sources
 
 
 def _read_audio_folder(root: Path, sampling_rate: int):
-    return _read_class_folders(root, AUDIO_SUFFIXES, lambda path: read_audio(path, sampling_rate))
+    """Class-folder audio cut into 5 s chunks like IEMOCAP; each chunk keeps its file as utterance id."""
+    classes, files, sources = _class_files(root, AUDIO_SUFFIXES)
+    splits = {}
+    for name, (paths, file_labels) in files.items():
+        items, labels, chunks = [], [], []
+        for path, label in zip(paths, file_labels):
+            utterance = str(path.relative_to(root))
+            for k, (start, stop) in enumerate(chunk_bounds(_audio_length(path, sampling_rate), sampling_rate)):
+                items.append({"id": f"{utterance}#{k}", "group": None, "utterance": utterance})
+                labels.append(label)
+                chunks.append((path, start, stop))
+
+        def load(index: int, chunks=chunks) -> np.ndarray:
+            path, start, stop = chunks[index]
+            return read_audio(path, sampling_rate)[start:stop]
+
+        splits[name] = DatasetSplit(name, items, labels, load)
+    return classes, splits, None, sources
 
 
 _READERS = {
