@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from daamkit.cli.main import app
 from daamkit.infra.checkpoint import load_training_state, load_weights
 from daamkit.infra.errors import DaamkitError
+from daamkit.vqvae import data as data_module
 from daamkit.vqvae import train as train_module
 from daamkit.vqvae.data import StepBatchSampler, evaluation_set, training_splits
 
@@ -77,7 +78,7 @@ def test_train_writes_the_run_layout_and_flags_win_over_the_config_file(trained,
     assert config["train"]["data"] == str(image_dir) and config["train"]["eval_every"] == 2  # file fills the rest
 
 
-def test_corrupt_and_small_files_are_skipped_counted_and_reported(tmp_path, capsys):
+def test_corrupt_and_small_files_are_skipped_counted_and_reported(tmp_path, capsys, monkeypatch):
     write_images(tmp_path, 3)
     (tmp_path / "broken.png").write_bytes(b"not an image at all")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tiny.png")
@@ -85,8 +86,11 @@ def test_corrupt_and_small_files_are_skipped_counted_and_reported(tmp_path, caps
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])  # valid header, cut pixel data
     splits = training_splits(str(tmp_path), 16, seed=0)
     err = capsys.readouterr().err
-    assert "skipped 2 of 6 image file(s)" in err
-    assert len(splits.train) + len(splits.val) == 4  # 3 good + the truncated one (fails only on decode)
+    assert "skipped 3 of 6 image file(s): 2 unreadable, 1 too small" in err
+    assert len(splits.train) + len(splits.val) == 3  # a small folder is fully decoded: truncation found at scan
+    assert {path.name: reason.split(" (")[0] for path, reason in splits.skipped} == {
+        "broken.png": "unreadable", "truncated.png": "unreadable", "tiny.png": "8x8 is smaller than the 16 px crop"}
+    monkeypatch.setattr(data_module, "FULL_DECODE_LIMIT", 2)  # a "large" folder: headers only
     evaluated = evaluation_set(str(tmp_path), 16)
     items = [evaluated[i] for i in range(len(evaluated))]
     assert sum(item is None for item in items) == 1  # the truncated file fails only when decoded
@@ -243,10 +247,10 @@ def test_reconstruct_encode_decode_round_trip(trained, image_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["evaluate", "{missing}"], "does not exist"),
     (["evaluate", "{ckpt}", "--data", "{missing}"], "does not exist"),
-    (["reconstruct", "{ckpt}", "{missing}", "--out", "{tmp}"], "does not exist"),
+    (["reconstruct", "{ckpt}", "{missing}", "--out", "{tmp}/rec"], "does not exist"),
     (["encode", "{ckpt}", "{big}", "--out", "{tmp}/t.npz", "--image-size", "64"], "smaller than the 64 px crop"),
     (["encode", "{ckpt}", "{images}", "--out", "{tmp}/t.txt"], "must end in .npz"),
-    (["decode", "{ckpt}", "{bad_npz}", "--out", "{tmp}"], "not a readable .npz"),
+    (["decode", "{ckpt}", "{bad_npz}", "--out", "{tmp}/dec"], "not a readable .npz"),
     (["evaluate", "{images}"], "config.json is missing"),
     (["train", "--data", "{missing}", "--out", "{tmp}/r"], "does not exist"),
     (["train", "--attention", "softmax", "--out", "{tmp}/r"], "attention must be one of"),

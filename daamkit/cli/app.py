@@ -1,27 +1,62 @@
-"""The Typer app factory shared by every sub-app: one-line user errors instead of tracebacks."""
+"""The Typer app factory shared by every sub-app: one-line user errors instead of tracebacks.
+
+Library code names fields in backticks (`image_size`); `user_message` turns each into the option the
+command really has (`--image-size`), so the CLI speaks of flags and the library of fields, in one place.
+"""
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
+import typing
+from pathlib import Path
+from typing import Any
 
 import click
 import typer
 from typer.core import TyperGroup
 
+from daamkit.infra.config_file import explicit_options, read_toml
 from daamkit.infra.errors import DaamkitError
+
+_FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+
+
+def flag_for(command: click.Command | None, field: str) -> str:
+    """The command-line spelling of library field `field`: the command's own option for it (e.g.
+    `batch_size` -> --extract-batch-size), else the usual --field-name."""
+    for param in getattr(command, "params", []):
+        if param.name == field and getattr(param, "opts", None):
+            longest = [opt for opt in param.opts if opt.startswith("--")]
+            return longest[0] if longest else param.opts[0]
+    return "--" + field.replace("_", "-")
+
+
+def user_message(error: BaseException, command: click.Command | None = None) -> str:
+    """The message of a library error with every `field` replaced by its --flag."""
+    return _FIELD.sub(lambda match: flag_for(command, match.group(1)), str(error))
+
+
+def _os_error_line(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    if isinstance(err, FileNotFoundError):
+        return f"file not found{where}"
+    return f"{err.strerror or err}{where}"
 
 
 class _UserErrorGroup(TyperGroup):
-    """Turns DaamkitError (and missing files) raised by any command into one line on stderr + exit 2."""
+    """Turns DaamkitError (and file-system errors) raised by any command into one line on stderr + exit 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except DaamkitError as err:
-            click.echo(f"error: {err}", err=True)
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            click.echo(f"error: {user_message(err, command)}", err=True)
             sys.exit(2)
-        except FileNotFoundError as err:
-            click.echo(f"error: file not found: {err.filename or err}", err=True)
+        except OSError as err:  # permissions, a full disk, a path that vanished: still one line
+            click.echo(f"error: {_os_error_line(err)}", err=True)
             sys.exit(2)
 
 
@@ -34,3 +69,22 @@ def new_app(help_text: str) -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_show_locals=False,
     )
+
+
+def option_types(ctx: click.Context) -> dict[str, Any]:
+    """Option name -> type hint of the command being run (from its Python signature)."""
+    hints = typing.get_type_hints(inspect.unwrap(ctx.command.callback))
+    return {name: hints.get(name, Any) for name in ctx.params}
+
+
+def options_with_config(ctx: click.Context, config: Path | None, exclude: set[str] = frozenset()) -> tuple[dict[str, Any], set[str]]:
+    """This command's option values with `--config FILE.toml` filling the ones not typed (flags win), each
+    file value type-checked against the option's type; also the names set by the user (flags or file)."""
+    values = {key: value for key, value in ctx.params.items() if key not in exclude}
+    given = explicit_options(ctx)
+    if config is None:
+        return values, given
+    hints = option_types(ctx)
+    from_file = read_toml(config, {key: hints[key] for key in values})
+    values.update({key: value for key, value in from_file.items() if key not in given})
+    return values, given | set(from_file)

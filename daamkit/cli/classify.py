@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from daamkit.cli.app import new_app
+from daamkit.cli.app import new_app, options_with_config
 
 app = new_app("Frozen-encoder DAT classifiers: extract, train, evaluate, importance, report.")
 
@@ -16,15 +16,10 @@ app = new_app("Frozen-encoder DAT classifiers: extract, train, evaluate, importa
 
 def _resolve_options(ctx: typer.Context, config: Optional[Path], quiet: bool, required: tuple[str, ...]) -> dict:
     """This command's options merged with `--config` (flags win), required ones checked, progress set quiet."""
-    from daamkit.infra.config_file import explicit_options, merge_config
     from daamkit.infra.errors import DaamkitError
     from daamkit.infra.progress import set_quiet
 
-    values = merge_config(
-        {k: v for k, v in ctx.params.items() if k not in ("config", "as_json", "quiet")},
-        explicit_options(ctx),
-        config,
-    )
+    values, _ = options_with_config(ctx, config, exclude={"config", "as_json", "quiet"})
     for name in required:
         if values[name] is None:
             raise DaamkitError(f"--{name} is required (on the command line or in --config)")

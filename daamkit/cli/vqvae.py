@@ -9,8 +9,7 @@ from typing import Annotated, Any, List, Optional
 
 import typer
 
-from daamkit.cli.app import new_app
-from daamkit.infra.config_file import explicit_options, merge_config, read_toml
+from daamkit.cli.app import new_app, options_with_config
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.progress import log
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig
@@ -84,11 +83,7 @@ def train(
     """Train the DAAM VQ-VAE (defaults: built-in photos, ~5 minutes on 2 CPU cores)."""
     from daamkit.vqvae.train import train as run_training
 
-    values = {key: ctx.params[key] for key in MODEL_KEYS | TRAIN_KEYS | {"out"} if key in ctx.params}
-    given = explicit_options(ctx)
-    if config is not None:
-        values = merge_config(values, given, config)
-        given = given | set(read_toml(config, set(values)))
+    values, given = options_with_config(ctx, config, exclude={"resume", "overwrite", "config", "as_json"})
     out_dir = Path(values.pop("out"))
     if resume:
         model_config, train_config = _resume_configs(out_dir, values, given)
@@ -129,19 +124,31 @@ def evaluate(
     typer.echo(json.dumps(metrics) if as_json else _format_metrics(metrics))
 
 
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that already exist.")]
+
+
 @app.command()
 def reconstruct(
     checkpoint: CheckpointArg,
     inputs: InputsArg,
-    out: Path = typer.Option(..., "--out", help="Folder for the original | reconstruction PNGs."),
+    out: Path = typer.Option(..., "--out", help="Folder for the original | reconstruction PNGs (new or empty)."),
     image_size: ImageSizeOpt = None,
     full: FullOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Write side-by-side original | reconstruction PNGs."""
+    """Write side-by-side original | reconstruction PNGs.
+
+    Unreadable or too-small images are skipped and listed with their reasons in OUT/skipped.txt; the exit
+    code is non-zero only when no image could be processed.
+    """
     from daamkit.vqvae.evaluate import reconstruct_files
 
-    written = reconstruct_files(checkpoint, inputs, out, image_size, full)
+    written = reconstruct_files(checkpoint, inputs, out, image_size, full, overwrite)
     log(f"wrote {len(written)} picture(s) to {out}")
+
+
+def _sizes(shapes: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{h}x{w}" for h, w in shapes[:3]) + (f" and {len(shapes) - 3} other size(s)" if len(shapes) > 3 else "")
 
 
 @app.command()
@@ -151,22 +158,28 @@ def encode(
     out: Path = typer.Option(..., "--out", help="Output .npz of token-id grids."),
     image_size: ImageSizeOpt = None,
     full: FullOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Turn images into token-id grids (.npz)."""
+    """Turn images into token-id grids (.npz).
+
+    Unreadable or too-small images are skipped and listed with their reasons on stderr; the exit code is
+    non-zero only when no image could be processed.
+    """
     from daamkit.vqvae.tokens import encode_files
 
-    summary = encode_files(checkpoint, inputs, out, image_size, full)
-    log(f"wrote {summary['images']} token grid(s) of {summary['height']}x{summary['width']} to {out}")
+    summary = encode_files(checkpoint, inputs, out, image_size, full, overwrite)
+    log(f"wrote {summary['images']} token grid(s) of {_sizes(summary['shapes'])} to {out}")
 
 
 @app.command()
 def decode(
     checkpoint: CheckpointArg,
     tokens: Path = typer.Argument(..., help=".npz written by `daamkit vqvae encode`."),
-    out: Path = typer.Option(..., "--out", help="Folder for the decoded PNGs."),
+    out: Path = typer.Option(..., "--out", help="Folder for the decoded PNGs (new or empty)."),
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Turn token-id grids (.npz) back into images."""
     from daamkit.vqvae.tokens import decode_file
 
-    written = decode_file(checkpoint, tokens, out)
+    written = decode_file(checkpoint, tokens, out, overwrite)
     log(f"wrote {len(written)} image(s) to {out}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -98,7 +99,10 @@ def load_weights(directory: str | os.PathLike, device: str | torch.device = "cpu
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise DaamkitError(f"{directory} is not a checkpoint folder: {WEIGHTS_FILE} is missing")
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)
+        raise DaamkitError(f"{path} is damaged or truncated and cannot be read ({_first_line(err)})") from err
 
 
 def load_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -106,7 +110,15 @@ def load_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise DaamkitError(f"{path} is damaged or truncated and cannot be read ({_first_line(err)})") from err
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def load_state_dict_strict(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:

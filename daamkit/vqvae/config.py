@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.typed_values import check_field_types
 
 ATTENTION_CHOICES = ("daam", "none")
 RECON_LOSSES = ("l1", "mse")
@@ -62,19 +63,21 @@ class VQVAEConfig:
     search_chunk_elements: int = 1 << 24
 
     def __post_init__(self) -> None:
-        _require(self.attention in ATTENTION_CHOICES, f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        check_field_types(self)
+        _require(self.attention in ATTENTION_CHOICES, f"`attention` must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         for name in ("in_channels", "base_channels", "num_downsamples", "embedding_dim", "num_embeddings",
                      "heads", "gaussians", "search_chunk_elements"):
             _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
-                     f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
-        _require(self.num_embeddings >= 2, "num-embeddings must be at least 2")
-        _require(self.init_c > 0, f"init-c must be positive, got {self.init_c}")
-        _require(0.0 <= self.beta, f"beta must be >= 0, got {self.beta}")
-        _require(0.0 < self.ema_decay < 1.0, f"ema-decay must be in (0, 1), got {self.ema_decay}")
+                     f"`{name}` must be a positive integer, got {getattr(self, name)!r}")
+        _require(self.num_embeddings >= 2, "`num_embeddings` must be at least 2")
+        _require(self.init_c > 0, f"`init_c` must be positive, got {self.init_c}")
+        _require(0.0 <= self.beta, f"`beta` must be >= 0, got {self.beta}")
+        _require(0.0 < self.ema_decay < 1.0, f"`ema_decay` must be in (0, 1), got {self.ema_decay}")
         if self.attention == "daam":
             smallest = min(self.channels)
             _require(self.heads <= smallest,
-                     f"--heads {self.heads} exceeds the smallest channel count {smallest}; lower --heads or raise --base-channels")
+                     f"`heads` {self.heads} exceeds the smallest channel count {smallest}; lower `heads` or raise "
+                     "`base_channels`")
 
     @property
     def channels(self) -> list[int]:
@@ -118,17 +121,18 @@ class TrainConfig:
     val_images: int = 64
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("image_size", "steps", "batch_size", "log_every", "eval_every", "val_images"):
             _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
-                     f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
-        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
-        _require(self.warmup_steps >= 0 and self.num_workers >= 0, "warmup-steps and num-workers must be >= 0")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.grad_clip >= 0, f"grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
-        _require(self.recon_loss in RECON_LOSSES, f"recon-loss must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
-        _require(self.perceptual_weight >= 0, f"perceptual-weight must be >= 0, got {self.perceptual_weight}")
+                     f"`{name}` must be a positive integer, got {getattr(self, name)!r}")
+        _require(self.lr > 0, f"`lr` must be positive, got {self.lr}")
+        _require(self.warmup_steps >= 0 and self.num_workers >= 0, "`warmup_steps` and `num_workers` must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, f"`grad_clip` must be >= 0 (0 disables), got {self.grad_clip}")
+        _require(self.recon_loss in RECON_LOSSES, f"`recon_loss` must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
+        _require(self.perceptual_weight >= 0, f"`perceptual_weight` must be >= 0, got {self.perceptual_weight}")
         _require(self.mixed_precision in MIXED_PRECISION_CHOICES,
-                 f"mixed-precision must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+                 f"`mixed_precision` must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,9 +14,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from daamkit.infra.checkpoint import atomic_write_bytes
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.progress import log, progress_bar
 
@@ -26,6 +27,7 @@ SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"
                  "retina", "stereo_motorcycle")
 HELD_OUT_FRACTION = 0.25   # bottom quarter of every sample photo is reserved for validation crops
 FOLDER_HOLDOUT_EVERY = 20  # every 20th file of a plain folder is held out for validation
+FULL_DECODE_LIMIT = 5000   # folders up to this many files are fully decoded when scanned
 LOAD_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -41,9 +43,47 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file to uint8 HWC RGB (raises one of the PIL/OS errors when unreadable)."""
+    """Decode a whole image file to uint8 HWC RGB as a viewer shows it (raises one of LOAD_ERRORS when it
+    is unreadable or truncated): EXIF orientation applied, 16-bit samples scaled to 8 bits, transparency
+    composited on white, palette, CMYK and greyscale converted."""
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        image.load()  # decodes every byte now, so a truncated file fails here and not half-way
+        return np.asarray(_as_rgb(ImageOps.exif_transpose(image)))
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer greyscale holding 16-bit samples
+        samples = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.round(samples / 257.0), 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def unreadable_reason(err: BaseException) -> str:
+    """A short reason for a file that failed to decode, e.g. "unreadable (OSError: image file is truncated)"."""
+    detail = str(err).strip().splitlines()
+    return f"unreadable ({type(err).__name__}: {detail[0]})" if detail else f"unreadable ({type(err).__name__})"
+
+
+def read_skipped_list(path: str | Path) -> dict[str, str]:
+    """File -> reason from a list written by `write_skipped_list` (empty when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    pairs = (line.split("\t", 1) for line in path.read_text().splitlines() if "\t" in line)
+    return {name: reason for name, reason in pairs}
+
+
+def write_skipped_list(path: str | Path, skipped: Sequence[tuple[str | Path, str]]) -> None:
+    """Write `path` with one `file<TAB>reason` line per skipped file (removes a stale list when none)."""
+    if not skipped:
+        Path(path).unlink(missing_ok=True)
+        return
+    atomic_write_bytes(path, "".join(f"{name}\t{reason}\n" for name, reason in skipped).encode())
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -63,7 +103,7 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files under `folder`, recursively, sorted; DaamkitError when the folder is missing."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DaamkitError(f"data folder {folder} does not exist (use --data samples for the built-in photos)")
+        raise DaamkitError(f"`data` folder {folder} does not exist (use `data` \"samples\" for the built-in photos)")
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
@@ -73,16 +113,29 @@ class ScanResult:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
+def _image_size(path: Path, decode: bool) -> tuple[int, int]:
+    """(width, height) of an image file: fully decoded when `decode`, else from its header only."""
+    if decode:
+        height, width = read_rgb(path).shape[:2]
+        return width, height
+    with Image.open(path) as image:
+        return image.size  # EXIF rotation swaps the sides, which leaves min(width, height) alone
+
+
 def scan_images(files: Sequence[Path], min_size: int, what: str) -> ScanResult:
-    """Open every file's header; unreadable ones and ones smaller than `min_size` are skipped and reported."""
+    """Check every file; unreadable ones and ones smaller than `min_size` are skipped with a reason.
+
+    Folders of up to FULL_DECODE_LIMIT files are decoded completely, so truncated files are caught here;
+    larger ones (COCO) only have their headers read and a file that fails later is skipped when first used.
+    """
     result = ScanResult(files=[])
-    with progress_bar(f"scanning {what}", total=len(files)) as task:
+    decode = len(files) <= FULL_DECODE_LIMIT
+    with progress_bar(f"{'checking' if decode else 'scanning'} {what}", total=len(files)) as task:
         for path in files:
             try:
-                with Image.open(path) as image:
-                    width, height = image.size
+                width, height = _image_size(path, decode)
             except LOAD_ERRORS as err:
-                result.skipped.append((path, f"unreadable ({type(err).__name__})"))
+                result.skipped.append((path, unreadable_reason(err)))
             else:
                 if min(width, height) < min_size:
                     result.skipped.append((path, f"{width}x{height} is smaller than the {min_size} px crop"))
@@ -90,8 +143,9 @@ def scan_images(files: Sequence[Path], min_size: int, what: str) -> ScanResult:
                     result.files.append(path)
             task.advance()
     if result.skipped:
-        first_path, first_reason = result.skipped[0]
-        log(f"skipped {len(result.skipped)} of {len(files)} {what} file(s), e.g. {first_path}: {first_reason}")
+        unreadable = sum(reason.startswith("unreadable") for _, reason in result.skipped)
+        log(f"skipped {len(result.skipped)} of {len(files)} {what} file(s): {unreadable} unreadable, "
+            f"{len(result.skipped) - unreadable} too small")
     return result
 
 
@@ -100,7 +154,8 @@ class CropDataset(Dataset):
 
     Keys are `(index, sample_id)` pairs from `StepBatchSampler` (random crop + flip seeded by
     (seed, sample_id)) or plain indices (deterministic center crop, for validation/evaluation).
-    A file that fails to decode is replaced by the next one (training) or returned as None (evaluation).
+    A file that fails to decode is replaced by the next one (training: the item is `(crop, failures)`,
+    failures being `(name, reason)` pairs) or returned as None (evaluation).
     """
 
     def __init__(self, load: Callable[[int], np.ndarray], count: int, size: int, seed: int = 0,
@@ -114,21 +169,27 @@ class CropDataset(Dataset):
     def __getitem__(self, key):
         if isinstance(key, tuple):
             index, sample_id = key
+            failures = []
             for attempt in range(self.count):
                 current = (index + attempt) % self.count
                 try:
                     image = self.load(current)
                 except LOAD_ERRORS as err:
-                    log(f"warning: skipping unreadable image {self.names[current]} ({type(err).__name__})")
+                    failures.append((self.names[current], unreadable_reason(err)))
                     continue
                 rng = np.random.default_rng((self.seed, sample_id))
-                return to_tensor(random_crop_flip(image, self.size, rng))
+                return to_tensor(random_crop_flip(image, self.size, rng)), failures
             raise DaamkitError("no training image could be decoded")
         try:
             image = self.load(key)
         except LOAD_ERRORS:
             return None
         return to_tensor(center_crop(image, self.size))
+
+
+def collate_train(batch: list[tuple[torch.Tensor, list[tuple[str, str]]]]) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """Stack the training crops of a batch; also return every `(name, reason)` of files that failed to decode."""
+    return torch.stack([crop for crop, _ in batch]), [failure for _, failures in batch for failure in failures]
 
 
 def collate_valid(batch: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:
@@ -175,6 +236,7 @@ class DataSplits:
     train: CropDataset
     val: CropDataset
     description: str
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # files left out by the scan, with reasons
 
 
 def _resize_shorter(image: np.ndarray, shorter: int) -> np.ndarray:
@@ -199,7 +261,7 @@ def sample_photos(image_size: int) -> list[tuple[str, np.ndarray]]:
         if image.ndim == 3 and image.shape[2] >= 3:
             photos.append((name, _resize_shorter(np.ascontiguousarray(image[..., :3]), shorter)))
     if not photos:
-        raise DaamkitError("scikit-image ships none of the sample photos; pass --data PATH to an image folder")
+        raise DaamkitError("scikit-image ships none of the sample photos; set `data` to an image folder")
     return photos
 
 
@@ -243,12 +305,13 @@ def _file_dataset(files: list[Path], image_size: int, seed: int) -> CropDataset:
     return CropDataset(_FileLoader(files), len(files), image_size, seed, [str(f) for f in files])
 
 
-def _scan_nonempty(folder: Path, image_size: int, what: str) -> list[Path]:
-    files = scan_images(list_images(folder), image_size, what).files
-    if not files:
+def _scan_nonempty(folder: Path, image_size: int, what: str) -> ScanResult:
+    scan = scan_images(list_images(folder), image_size, what)
+    if not scan.files:
+        first = f"; e.g. {scan.skipped[0][0]}: {scan.skipped[0][1]}" if scan.skipped else ""
         raise DaamkitError(f"{folder} holds no readable image of at least {image_size}x{image_size} "
-                           f"(looked for {', '.join(IMAGE_EXTENSIONS)} recursively)")
-    return files
+                           f"(looked for {', '.join(IMAGE_EXTENSIONS)} recursively{first})")
+    return scan
 
 
 def is_coco_root(path: Path) -> bool:
@@ -263,17 +326,20 @@ def training_splits(data: str, image_size: int, seed: int) -> DataSplits:
     if is_coco_root(root):
         if not (root / "train2017").is_dir():
             raise DaamkitError(f"COCO root {root} has no train2017/ folder to train on")
-        train_files = _scan_nonempty(root / "train2017", image_size, "train2017")
+        train_scan = _scan_nonempty(root / "train2017", image_size, "train2017")
+        skipped = list(train_scan.skipped)
         if (root / "val2017").is_dir():
-            val_files = _scan_nonempty(root / "val2017", image_size, "val2017")
+            val_scan = _scan_nonempty(root / "val2017", image_size, "val2017")
+            train_files, val_files = train_scan.files, val_scan.files
+            skipped += val_scan.skipped
         else:
-            train_files, val_files = _holdout(train_files)
+            train_files, val_files = _holdout(train_scan.files)
         return DataSplits(_file_dataset(train_files, image_size, seed), _file_dataset(val_files, image_size, seed),
-                          f"COCO 2017 at {root} ({len(train_files)} train / {len(val_files)} val images)")
-    files = _scan_nonempty(root, image_size, "image")
-    train_files, val_files = _holdout(files)
+                          f"COCO 2017 at {root} ({len(train_files)} train / {len(val_files)} val images)", skipped)
+    scan = _scan_nonempty(root, image_size, "image")
+    train_files, val_files = _holdout(scan.files)
     return DataSplits(_file_dataset(train_files, image_size, seed), _file_dataset(val_files, image_size, seed),
-                      f"{root} ({len(train_files)} train / {len(val_files)} held-out images)")
+                      f"{root} ({len(train_files)} train / {len(val_files)} held-out images)", scan.skipped)
 
 
 def _holdout(files: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -294,4 +360,7 @@ def evaluation_set(data: str, image_size: int) -> CropDataset:
         if not (root / "val2017").is_dir():
             raise DaamkitError(f"COCO root {root} has no val2017/ folder to evaluate on")
         root = root / "val2017"
-    return _file_dataset(_scan_nonempty(root, image_size, "evaluation"), image_size, seed=0)
+    scan = _scan_nonempty(root, image_size, "evaluation")
+    for path, reason in scan.skipped:
+        log(f"  skipped {path}: {reason}")
+    return _file_dataset(scan.files, image_size, seed=0)

@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log, progress_bar
 from daamkit.vqvae.data import CropDataset, collate_valid, evaluation_set, to_uint8
-from daamkit.vqvae.io import default_device, iterate_inputs, load_model, resolve_image_size, save_png
+from daamkit.vqvae.io import default_device, load_model, open_inputs, resolve_image_size, save_png
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, lpips_available, missing_lpips_message
 from daamkit.vqvae.metrics import CodeHistogram, psnr_per_image, ssim_per_image
 from daamkit.vqvae.model import VQVAE
@@ -83,7 +84,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int |
     LPIPS is null (None) when its trunk weights are not in the local torch cache.
     """
     if batch_size < 1:
-        raise DaamkitError(f"--batch-size must be a positive integer, got {batch_size}")
+        raise DaamkitError(f"`batch_size` must be a positive integer, got {batch_size}")
     device = default_device()
     model, train_config = load_model(checkpoint_dir, device)
     size = resolve_image_size(model.config, train_config, image_size)
@@ -115,10 +116,17 @@ def image_grid(rows: Sequence[torch.Tensor], gap: int = 2) -> np.ndarray:
 
 @torch.no_grad()
 def reconstruct_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
-                      image_size: int | None = None, full: bool = False) -> list[Path]:
-    """Write `original | reconstruction` PNGs for image files/folders into `out_dir`; returns their paths."""
+                      image_size: int | None = None, full: bool = False, overwrite: bool = False) -> list[Path]:
+    """Write `original | reconstruction` PNGs for image files/folders into `out_dir`; returns their paths.
+
+    Unusable inputs are skipped and listed with their reasons in `out_dir/skipped.txt`; DaamkitError only
+    when none could be processed. An `out_dir` that already holds files needs `overwrite`.
+    """
+    out_dir = output_folder(out_dir, overwrite=overwrite)
+    images = open_inputs(checkpoint_dir, inputs, image_size, full, "reconstructing")
     written = []
-    for index, (model, path, image) in enumerate(iterate_inputs(checkpoint_dir, inputs, image_size, full, "reconstructing")):
-        pair = side_by_side(to_uint8(image)[0], to_uint8(model(image).reconstruction)[0])
-        written.append(save_png(Path(out_dir) / f"{index:04d}_{path.stem}.png", pair))
+    for path, image in images:
+        pair = side_by_side(to_uint8(image)[0], to_uint8(images.model(image).reconstruction)[0])
+        written.append(save_png(out_dir / f"{len(written):04d}_{path.stem}.png", pair))
+    images.finish(len(written), out_dir / "skipped.txt")
     return written

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -9,11 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from daamkit.infra.checkpoint import load_config, load_state_dict_strict, load_weights
+from daamkit.infra.checkpoint import atomic_write_bytes, load_config, load_state_dict_strict, load_weights
 from daamkit.infra.errors import DaamkitError
-from daamkit.infra.progress import progress_bar
+from daamkit.infra.progress import log, progress_bar
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, parse_checkpoint_config
-from daamkit.vqvae.data import LOAD_ERRORS, IMAGE_EXTENSIONS, center_crop, list_images, read_rgb, to_tensor
+from daamkit.vqvae.data import (IMAGE_EXTENSIONS, LOAD_ERRORS, center_crop, list_images, read_rgb, to_tensor,
+                                unreadable_reason, write_skipped_list)
 from daamkit.vqvae.model import VQVAE
 
 
@@ -37,7 +40,7 @@ def resolve_image_size(config: VQVAEConfig, train_config: TrainConfig | None, im
     size = image_size or (train_config.image_size if train_config else 256)
     factor = config.downsample_factor
     if size < factor or size % factor:
-        raise DaamkitError(f"--image-size {size} must be a positive multiple of {factor} (2^num_downsamples)")
+        raise DaamkitError(f"`image_size` {size} must be a positive multiple of {factor} (2^num_downsamples)")
     return size
 
 
@@ -61,40 +64,82 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def load_input(path: Path, image_size: int, full: bool, factor: int) -> torch.Tensor:
-    """One explicit input image as [3, H, W] in [-1, 1]: a center crop of `image_size`, or with `full`
-    the whole image trimmed to a multiple of `factor`. Unreadable or too-small images are user errors."""
+    """One input image as [3, H, W] in [-1, 1]: a center crop of `image_size`, or with `full` the whole image
+    trimmed to a multiple of `factor`. Raises SkippedInput (with the reason) when it cannot be used."""
     try:
         image = read_rgb(path)
     except LOAD_ERRORS as err:
-        raise DaamkitError(f"cannot read image {path} ({type(err).__name__}: {err})") from err
+        raise SkippedInput(unreadable_reason(err)) from err
     h, w = image.shape[:2]
     if full:
         if min(h, w) < factor:
-            raise DaamkitError(f"image {path} is {w}x{h}, smaller than the model's down-sampling factor {factor}")
+            raise SkippedInput(f"{w}x{h} is smaller than the model's down-sampling factor {factor}")
         return to_tensor(image[: h - h % factor, : w - w % factor])
     if min(h, w) < image_size:
-        raise DaamkitError(f"image {path} is {w}x{h}, smaller than the {image_size} px crop; "
-                           "pass a smaller --image-size or --full")
+        raise SkippedInput(f"{w}x{h} is smaller than the {image_size} px crop (use a smaller `image_size` or `full`)")
     return to_tensor(center_crop(image, image_size))
 
 
+class SkippedInput(Exception):
+    """An input image that cannot be used; the message is the reason."""
+
+
 def save_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write a uint8 HWC array as PNG, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path
+    """Write a uint8 HWC array as PNG atomically (a temp file renamed into place), creating parent folders."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
-def iterate_inputs(checkpoint_dir: str | Path, inputs: Sequence[str | Path], image_size: int | None, full: bool,
-                   description: str) -> Iterator[tuple[VQVAE, Path, torch.Tensor]]:
-    """Load the checkpoint once, then yield `(model, path, image [1, 3, H, W] on the model's device)` for
-    every input image, with a progress bar. All inputs are checked before the model is loaded."""
+@dataclass
+class InputImages:
+    """The usable input images of `reconstruct` / `encode`, and those skipped with their reasons."""
+
+    model: VQVAE
+    image_size: int
+    full: bool
+    files: list[Path]
+    description: str
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[tuple[Path, torch.Tensor]]:
+        """`(path, image [1, 3, H, W] on the model's device)` for every usable input, with a progress bar;
+        unusable ones are added to `skipped` and left out."""
+        device = next(self.model.parameters()).device
+        factor = self.model.config.downsample_factor
+        with progress_bar(self.description, total=len(self.files)) as task:
+            for path in self.files:
+                try:
+                    image = load_input(path, self.image_size, self.full, factor)
+                except SkippedInput as reason:
+                    self.skipped.append((path, str(reason)))
+                else:
+                    yield path, image.unsqueeze(0).to(device)
+                task.advance()
+
+    def finish(self, processed: int, list_file: Path | None = None) -> None:
+        """Report what was skipped, every file with its reason (in `list_file` when given, else on stderr);
+        DaamkitError when no input at all could be processed."""
+        if processed == 0 and self.skipped:
+            first_path, first_reason = self.skipped[0]
+            raise DaamkitError(f"no input image could be processed: {len(self.skipped)} skipped, e.g. {first_path}: "
+                               f"{first_reason}")
+        if list_file is not None:
+            write_skipped_list(list_file, self.skipped)
+        if not self.skipped:
+            return
+        where = f"; listed with reasons in {list_file}" if list_file is not None else ":"
+        log(f"skipped {len(self.skipped)} of {len(self.files)} input image(s){where}")
+        if list_file is None:
+            for path, reason in self.skipped:
+                log(f"  {path}: {reason}")
+
+
+def open_inputs(checkpoint_dir: str | Path, inputs: Sequence[str | Path], image_size: int | None,
+                full: bool, description: str) -> InputImages:
+    """The checkpoint's model (on the default device) and the input images to run it on. The input paths
+    are checked before the model is loaded; each image is decoded when iterated."""
     files = collect_inputs(inputs)
-    device = default_device()
-    model, train_config = load_model(checkpoint_dir, device)
-    size = resolve_image_size(model.config, train_config, image_size)
-    with progress_bar(description, total=len(files)) as task:
-        for path in files:
-            yield model, path, load_input(path, size, full, model.config.downsample_factor).unsqueeze(0).to(device)
-            task.advance()
+    model, train_config = load_model(checkpoint_dir, default_device())
+    return InputImages(model, resolve_image_size(model.config, train_config, image_size), full, files, description)

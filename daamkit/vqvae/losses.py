@@ -34,7 +34,7 @@ def missing_lpips_message(net: str = "alex") -> str:
     """The one-line explanation shown when the LPIPS trunk weights are not on disk."""
     path = lpips_trunk_path(net)
     return (f"LPIPS needs the torchvision {net} trunk weights {path.name}, expected at {path} "
-            f"(set TORCH_HOME to change the cache folder); copy the file there, or train with --perceptual-weight 0")
+            f"(set TORCH_HOME to change the cache folder); copy the file there")
 
 
 def lpips_available(net: str = "alex") -> bool:
@@ -50,7 +50,7 @@ def load_lpips(net: str = "alex") -> nn.Module:
 
     trunk_file = lpips_trunk_path(net)
     if not trunk_file.is_file():
-        raise DaamkitError(missing_lpips_message(net))
+        raise DaamkitError(f"{missing_lpips_message(net)}, or train with `perceptual_weight` 0")
     model = lpips.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)
     try:
         trunk_state = torch.load(trunk_file, map_location="cpu", weights_only=True)

@@ -16,26 +16,31 @@ import torch
 
 from daamkit.infra.checkpoint import atomic_write_bytes
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.output_paths import output_file, output_folder
 from daamkit.infra.progress import progress_bar
 from daamkit.vqvae.data import to_uint8
-from daamkit.vqvae.io import default_device, iterate_inputs, load_model, save_png
+from daamkit.vqvae.io import default_device, load_model, open_inputs, save_png
 
 
 @torch.no_grad()
 def encode_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_file: str | Path,
-                 image_size: int | None = None, full: bool = False) -> dict[str, int]:
-    """Tokenise images into `out_file` (.npz). Returns a summary (images, grid height/width)."""
+                 image_size: int | None = None, full: bool = False, overwrite: bool = False) -> dict:
+    """Tokenise images into `out_file` (.npz; an existing file needs `overwrite`). Unusable inputs are
+    skipped and reported; DaamkitError only when none could be processed. Returns a summary: `images`,
+    `skipped` and `shapes` (the distinct token-grid sizes, in order of appearance)."""
     out_file = Path(out_file)
     if out_file.suffix != ".npz":
-        raise DaamkitError(f"--out {out_file} must end in .npz")
-    grids, files, num_embeddings = [], [], 0
-    for model, path, image in iterate_inputs(checkpoint_dir, inputs, image_size, full, "encoding"):
-        grids.append(model.encode(image)[0].cpu().numpy().astype(np.int32))
+        raise DaamkitError(f"`out` {out_file} must end in .npz")
+    output_file(out_file, overwrite=overwrite)
+    images = open_inputs(checkpoint_dir, inputs, image_size, full, "encoding")
+    grids, files = [], []
+    for path, image in images:
+        grids.append(images.model.encode(image)[0].cpu().numpy().astype(np.int32))
         files.append(path)
-        num_embeddings = model.config.num_embeddings
+    images.finish(len(grids))
     arrays: dict[str, np.ndarray] = {
         "files": np.array([str(f) for f in files]),
-        "num_embeddings": np.array(num_embeddings),
+        "num_embeddings": np.array(images.model.config.num_embeddings),
     }
     if len({g.shape for g in grids}) == 1:
         arrays["tokens"] = np.stack(grids)
@@ -44,7 +49,8 @@ def encode_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_f
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     atomic_write_bytes(out_file, buffer.getvalue())
-    return {"images": len(grids), "height": int(grids[0].shape[0]), "width": int(grids[0].shape[1])}
+    shapes = list(dict.fromkeys(tuple(int(n) for n in g.shape) for g in grids))
+    return {"images": len(grids), "skipped": len(images.skipped), "shapes": shapes}
 
 
 def read_tokens(token_file: str | Path) -> tuple[list[np.ndarray], list[str], int | None]:
@@ -70,8 +76,11 @@ def read_tokens(token_file: str | Path) -> tuple[list[np.ndarray], list[str], in
 
 
 @torch.no_grad()
-def decode_file(checkpoint_dir: str | Path, token_file: str | Path, out_dir: str | Path) -> list[Path]:
-    """Decode every token grid of `token_file` to a PNG in `out_dir`; returns the written paths."""
+def decode_file(checkpoint_dir: str | Path, token_file: str | Path, out_dir: str | Path,
+                overwrite: bool = False) -> list[Path]:
+    """Decode every token grid of `token_file` to a PNG in `out_dir` (a folder already holding files needs
+    `overwrite`); returns the written paths."""
+    out_dir = output_folder(out_dir, overwrite=overwrite)
     grids, names, num_embeddings = read_tokens(token_file)
     device = default_device()
     model, _ = load_model(checkpoint_dir, device)
@@ -81,7 +90,6 @@ def decode_file(checkpoint_dir: str | Path, token_file: str | Path, out_dir: str
     largest = max(int(g.max()) for g in grids)
     if min(int(g.min()) for g in grids) < 0 or largest >= codebook_size:
         raise DaamkitError(f"{token_file} has token ids outside [0, {codebook_size}) for {checkpoint_dir}")
-    out_dir = Path(out_dir)
     written = []
     with progress_bar("decoding", total=len(grids)) as task:
         for index, (grid, name) in enumerate(zip(grids, names)):

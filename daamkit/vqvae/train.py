@@ -20,9 +20,11 @@ from torch.utils.data import DataLoader
 
 from daamkit.infra.checkpoint import load_config, load_state_dict_strict, load_training_state, load_weights, save_checkpoint
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log, progress_bar, set_quiet
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, checkpoint_config, parse_checkpoint_config
-from daamkit.vqvae.data import CropDataset, StepBatchSampler, sample_photos, to_tensor, training_splits, to_uint8
+from daamkit.vqvae.data import (CropDataset, StepBatchSampler, collate_train, read_skipped_list, sample_photos, to_tensor,
+                                to_uint8, training_splits, write_skipped_list)
 from daamkit.vqvae.evaluate import evaluate_model, image_grid, side_by_side
 from daamkit.vqvae.io import save_png
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, reconstruction_loss
@@ -54,6 +56,10 @@ class RunPaths:
     @property
     def samples(self) -> Path:
         return self.root / "samples"
+
+    @property
+    def skipped(self) -> Path:
+        return self.root / "skipped.txt"
 
 
 @dataclass
@@ -87,6 +93,7 @@ class _StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
+            log("aborted without saving: checkpoints/last holds the last saved step")
             raise KeyboardInterrupt
         self.requested = True
         log("stop requested: saving a checkpoint after this step (Ctrl-C again aborts without saving)")
@@ -106,10 +113,10 @@ def saved_run_configs(out_dir: str | Path) -> tuple[VQVAEConfig, TrainConfig]:
     """Model and training configs of the run in `out_dir` (its `checkpoints/last`), for `--resume`."""
     last = RunPaths(Path(out_dir)).last
     if not last.is_dir():
-        raise DaamkitError(f"--resume: no checkpoint at {last}; train without --resume first")
+        raise DaamkitError(f"`resume`: no checkpoint at {last}; train without `resume` first")
     model_config, train_config = parse_checkpoint_config(load_config(last), str(last))
     if train_config is None:
-        raise DaamkitError(f"--resume: {last} has no training config to resume")
+        raise DaamkitError(f"`resume`: {last} has no training config to resume")
     return model_config, train_config
 
 
@@ -122,12 +129,13 @@ def _param_groups(model: VQVAE, weight_decay: float) -> list[dict]:
 
 
 def _prepare_out_dir(paths: RunPaths, resume: bool, overwrite: bool) -> None:
+    output_folder(paths.root)  # a file in the way is refused whatever the flags
     if resume:
         return
     if paths.last.exists():
         if not overwrite:
-            raise DaamkitError(f"{paths.root} already holds a run; pass --resume to continue it, "
-                               "--overwrite to start over, or another --out")
+            raise DaamkitError(f"{paths.root} already holds a run; pass `resume` to continue it, "
+                               "`overwrite` to start over, or another `out`")
         for folder in (paths.root / "checkpoints", paths.tb, paths.samples):
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -140,9 +148,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise DaamkitError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+            raise DaamkitError("`mixed_precision` fp16 needs a CUDA GPU; use bf16 or no on CPU")
         if config.perceptual_weight > 0 and config.image_size < LPIPS_MIN_SIZE:
-            raise DaamkitError(f"--perceptual-weight > 0 needs --image-size >= {LPIPS_MIN_SIZE} (the LPIPS trunk "
+            raise DaamkitError(f"`perceptual_weight` > 0 needs `image_size` >= {LPIPS_MIN_SIZE} (the LPIPS trunk "
                                "down-samples 32x)")
         self.model_config, self.config, self.paths = model_config, config, RunPaths(Path(out_dir))
         self.lpips = load_lpips(config.lpips_net) if config.perceptual_weight > 0 else None
@@ -153,6 +161,11 @@ class Trainer:
         if not self.is_main:
             set_quiet(True)
         self.splits = training_splits(config.data, config.image_size, config.seed)
+        # every file left out, by name: the scan's, those that failed when first decoded, and (on resume)
+        # those an earlier part of the run had already listed
+        self.skipped = {str(path): reason for path, reason in self.splits.skipped}
+        if resume:
+            self.skipped = {**read_skipped_list(self.paths.skipped), **self.skipped}
         set_seed(config.seed)
         device = self.accelerator.device
         model = VQVAE(model_config).to(device)
@@ -173,7 +186,8 @@ class Trainer:
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.step if resume else None)
+            # A killed run may have logged past its checkpoint: purge only the steps after it.
+            self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.step + 1 if resume else None)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _restore(self, model: VQVAE, optimizer: torch.optim.Optimizer) -> None:
@@ -181,7 +195,13 @@ class Trainer:
         load_state_dict_strict(model, load_weights(last), str(last))
         state = load_training_state(last)
         if state is None:
-            raise DaamkitError(f"--resume: {last} has no training state ({last / 'state.pt'} is missing)")
+            raise DaamkitError(f"`resume`: {last} has no training state ({last / 'state.pt'} is missing)")
+        missing = sorted({"step", "best_psnr", "optimizer", "scheduler", "torch_rng"} - set(state))
+        if missing:
+            raise DaamkitError(f"`resume`: {last / 'state.pt'} is not a daamkit training state (no {', '.join(missing)})")
+        if self.config.steps < int(state["step"]):
+            raise DaamkitError(f"`steps` {self.config.steps} is below the step the run in {self.paths.root} has "
+                               f"reached ({state['step']}); give `steps` >= {state['step']} to continue it")
         optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.lr_lambdas[0].total = self.config.steps  # --steps may be extended on resume
@@ -208,6 +228,7 @@ class Trainer:
     def _save_last(self) -> None:
         if self.is_main:
             self._save(self.paths.last)
+            self._write_skipped()
         self.accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------------------------- one step
@@ -248,10 +269,10 @@ class Trainer:
         return stats
 
     def _non_finite_message(self, value: float) -> str:
-        where = (f"the last good checkpoint is {self.paths.last} (resume with --resume)"
+        where = (f"the last good checkpoint is {self.paths.last} (continue with `resume`)"
                  if self.paths.last.is_dir() else "no checkpoint had been written yet")
         return (f"loss became {value} at step {self.step + 1}; training stopped and this step was not saved; "
-                f"{where}; try a lower --lr or --mixed-precision no")
+                f"{where}; try a lower `lr` or `mixed_precision` no")
 
     # ---------------------------------------------------------------------------------- logging
     def _log_train(self, stats: dict[str, float]) -> None:
@@ -260,6 +281,7 @@ class Trainer:
                  "usage": "codebook/batch_usage", "perplexity": "codebook/batch_perplexity", "lr": "lr"}
         for key, value in stats.items():
             self.writer.add_scalar(names[key], value, self.step)
+        self.writer.add_scalar("data/skipped_images", len(self.skipped), self.step)
 
     def _validate(self) -> dict:
         """Validation metrics, TensorBoard images/histograms, a samples PNG, and the `last`/`best` checkpoints."""
@@ -282,6 +304,7 @@ class Trainer:
             if improved:
                 self.best_psnr = psnr
             self._save(self.paths.last)
+            self._write_skipped()
             if improved:
                 self._save(self.paths.best)
         self.accelerator.wait_for_everyone()
@@ -308,8 +331,19 @@ class Trainer:
         sampler = StepBatchSampler(len(dataset), self.config.batch_size, self.config.seed, self.step,
                                    self.accelerator.process_index, self.accelerator.num_processes)
         # An own generator keeps the loader from drawing on the global RNG (saved for exact resume).
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers,
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=collate_train,
                           pin_memory=self.accelerator.device.type == "cuda", generator=torch.Generator())
+
+    def _note_failures(self, failures: list[tuple[str, str]]) -> None:
+        """Files that failed when first decoded: warned about once, added to skipped.txt at the next save."""
+        for name, reason in failures:
+            if name not in self.skipped:
+                self.skipped[name] = reason
+                log(f"warning: skipping {name}: {reason}")
+
+    def _write_skipped(self) -> None:
+        if self.is_main:
+            write_skipped_list(self.paths.skipped, sorted(self.skipped.items()))
 
     def run(self) -> TrainResult:
         config = self.config
@@ -321,7 +355,9 @@ class Trainer:
         try:
             with _StopRequest() as stop, progress_bar("training", total=config.steps, completed=self.step) as task:
                 while self.step < config.steps:
-                    images = next(batches).to(self.accelerator.device, non_blocking=True)
+                    images, failures = next(batches)
+                    images = images.to(self.accelerator.device, non_blocking=True)
+                    self._note_failures(failures)
                     stats = self._train_step(images, stop)
                     self.step += 1
                     if self.writer is not None and (self.step % config.log_every == 0 or self.step == 1):
@@ -338,8 +374,11 @@ class Trainer:
             if self.is_main and status == "completed":
                 self._final_pictures()
         finally:
+            self._write_skipped()
             if self.writer is not None:
                 self.writer.close()
+        if self.skipped:
+            log(f"{len(self.skipped)} image file(s) were skipped; each is listed with its reason in {self.paths.skipped}")
         return TrainResult(status, self.step, self.best_psnr, metrics, self.paths)
 
 
@@ -347,12 +386,12 @@ def train(model_config: VQVAEConfig, config: TrainConfig, out_dir: str | Path, r
           overwrite: bool = False) -> TrainResult:
     """Train (or with `resume`, continue) a VQ-VAE run in `out_dir`; returns how it ended."""
     if config.image_size % model_config.downsample_factor:
-        raise DaamkitError(f"--image-size {config.image_size} must be a multiple of {model_config.downsample_factor} "
+        raise DaamkitError(f"`image_size` {config.image_size} must be a multiple of {model_config.downsample_factor} "
                            f"(2^num-downsamples)")
     paths = RunPaths(Path(out_dir))
     _prepare_out_dir(paths, resume, overwrite)
     if resume:
         saved_model, _ = saved_run_configs(out_dir)
         if saved_model != model_config:
-            raise DaamkitError(f"--resume: the model options differ from the run saved in {paths.last}")
+            raise DaamkitError(f"`resume`: the model options differ from the run saved in {paths.last}")
     return Trainer(model_config, config, out_dir, resume).run()
