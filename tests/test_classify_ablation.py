@@ -41,7 +41,7 @@ def test_choose_layers_takes_the_ends_of_the_ranking():
     assert choose_layers(KNOWN_RANKING, 3) == {"top": [2, 5, 8], "bottom": [3, 4, 6]}
     assert choose_layers(KNOWN_RANKING, 1) == {"top": [5], "bottom": [4]}
     for k in (0, 5):
-        with pytest.raises(DaamkitError, match="--k must be between 1 and 4"):
+        with pytest.raises(DaamkitError, match="`k` must be between 1 and 4"):
             choose_layers(KNOWN_RANKING, k)
 
 

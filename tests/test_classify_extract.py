@@ -117,7 +117,7 @@ def test_llama_tokenizer_gets_a_pad_token_and_right_padding(tiny_llama):
 def test_encoder_errors(tmp_path, tiny_bert):
     with pytest.raises(DaamkitError, match="neither a local folder nor in the Hugging Face cache"):
         FrozenEncoder.from_pretrained(str(tmp_path / "nope"))
-    with pytest.raises(DaamkitError, match="unknown --dtype"):
+    with pytest.raises(DaamkitError, match="unknown `dtype`"):
         FrozenEncoder.from_pretrained(str(tiny_bert), dtype="float8")
     no_tokenizer = tmp_path / "bert-without-tokenizer"
     no_tokenizer.mkdir()

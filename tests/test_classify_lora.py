@@ -87,7 +87,7 @@ def test_loraplus_uses_peft_helper_with_the_ratio(tmp_path, agnews_dir, tiny_lla
 
 
 def test_wavlm_query_key_adapters_get_no_gradient_and_are_refused(tmp_path, audio_folder_dir, tiny_wavlm):
-    with pytest.raises(DaamkitError, match=r"q_proj.*no gradient.*--target-modules intermediate_dense,output_dense"):
+    with pytest.raises(DaamkitError, match=r"q_proj.*no gradient.*`target_modules` intermediate_dense,output_dense"):
         train_lora("audio-folder", audio_folder_dir, str(tiny_wavlm), tmp_path / "qk", rank=2, epochs=1,
                    target_modules=["q_proj", "k_proj"])
     assert not (tmp_path / "qk" / "metrics.json").exists()

@@ -59,7 +59,7 @@ def test_folds_never_mix_sessions_and_dev_comes_from_the_training_sessions(tmp_p
         assert len(plan.train) + len(plan.dev) + len(plan.test) == len(groups)
         assert set(plan.train).isdisjoint(plan.dev)
         assert set(utterances[plan.train]).isdisjoint(utterances[plan.dev])
-    with pytest.raises(DaamkitError, match="--runs"):
+    with pytest.raises(DaamkitError, match="`runs`"):
         plan_splits(cache.manifest.get("grouping"), sources, seed=0, runs=2, dev_fraction=0.1)
 
 

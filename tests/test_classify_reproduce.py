@@ -71,9 +71,9 @@ def test_a_deleted_run_is_the_only_one_trained_again(tmp_path, agnews_dir, tiny_
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"methods": "mha,bogus"}, "unknown or empty"),
-    ({"methods": "mha,ablation"}, "add daam-v1 to --methods"),
-    ({"ablation_source": "mha"}, "--ablation-source must be a DAAM decoder"),
-    ({"lora_ranks": "4,x"}, "--lora-ranks must be comma-separated integers"),
+    ({"methods": "mha,ablation"}, "add daam-v1 to `methods`"),
+    ({"ablation_source": "mha"}, "`ablation_source` must be a DAAM decoder"),
+    ({"lora_ranks": "4,x"}, "`lora_ranks` must be comma-separated integers"),
 ])
 def test_reproduce_option_errors(kwargs, message):
     with pytest.raises(DaamkitError, match=message):

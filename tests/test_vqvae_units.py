@@ -114,8 +114,13 @@ def test_model_config_round_trips_through_json_and_rejects_bad_values():
         VQVAEConfig(base_channels=4, heads=8)
     with pytest.raises(DaamkitError, match="attention"):
         VQVAEConfig(attention="softmax")
-    with pytest.raises(DaamkitError, match="mixed-precision"):
+    with pytest.raises(DaamkitError, match="`mixed_precision` must be one of"):
         TrainConfig(mixed_precision="fp8")
+    with pytest.raises(DaamkitError, match="`lr` must be a number, got 'fast'"):
+        TrainConfig(lr="fast")
+    with pytest.raises(DaamkitError, match="`heads` must be an integer, got 2.5"):
+        VQVAEConfig(heads=2.5)
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)  # ints are fine for floats
     with pytest.raises(DaamkitError, match="not a daamkit VQ-VAE"):
         parse_checkpoint_config({"kind": "classifier"}, "ckpt")
 

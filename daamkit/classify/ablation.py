@@ -19,6 +19,7 @@ from daamkit.classify.report import METRICS
 from daamkit.classify.training import train_decoder
 from daamkit.infra.checkpoint import atomic_write_json, read_json
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log
 
 ABLATION_JSON, ABLATION_MD = "ablation.json", "ablation.md"
@@ -41,7 +42,7 @@ def choose_layers(ranking: list[int], k: int) -> dict[str, list[int]]:
     """The k highest- and k lowest-IF layers (each sorted by layer number)."""
     if k < 1 or 2 * k > len(ranking):
         raise DaamkitError(
-            f"--k must be between 1 and {len(ranking) // 2} for a run on {len(ranking)} layers "
+            f"`k` must be between 1 and {len(ranking) // 2} for a run on {len(ranking)} layers "
             f"(top-k and bottom-k must not overlap), got {k}"
         )
     return {"top": sorted(ranking[:k]), "bottom": sorted(ranking[-k:])}
@@ -56,7 +57,7 @@ def _train_or_reuse(features: Path, run: dict, out: Path, layers: list[int], lab
         if metrics.get("layers") != layers:
             raise DaamkitError(
                 f"{out} already holds a run on layers {metrics.get('layers')}, not {layers} (the IF ranking "
-                "changed?); delete it or pass another --out"
+                "changed?); delete it or pass another `out`"
             )
         log(f"{label}: reusing the finished run in {out}")
         return metrics
@@ -146,7 +147,7 @@ def run_ablation(run_dir: str | Path, features_dir: Optional[str | Path] = None,
     ranking = read_ranking(run_dir)
     layers = choose_layers(ranking, k)
     context = load_run(run_dir, features_dir)  # also checks that the feature cache matches the run
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / f"ablation-k{k}"
+    out_dir = output_folder(out_dir if out_dir is not None else run_dir / f"ablation-k{k}")
     results: dict = {"ranking": ranking}
     for name in ("top", "bottom"):
         results[name] = _train_or_reuse(context.cache.directory, context.run, out_dir / name, layers[name],

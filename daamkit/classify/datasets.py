@@ -114,7 +114,7 @@ def load_task(
     if not data_dir.is_dir():
         raise DaamkitError(f"data folder {data_dir} does not exist")
     if max_items is not None and max_items < 1:
-        raise DaamkitError(f"--max-items must be at least 1, got {max_items}")
+        raise DaamkitError(f"`max_items` must be at least 1, got {max_items}")
     reader = _READERS[task]
     classes, splits, grouping, sources = reader(data_dir, sampling_rate)
     for split in splits.values():
@@ -188,7 +188,7 @@ def _read_iemocap(root: Path, sampling_rate: int):
         root = root / "IEMOCAP_full_release"
     sessions = sorted(p for p in root.glob("Session[1-5]") if p.is_dir())
     if not sessions:
-        raise DaamkitError(f"{root} has no Session1..Session5 folders; point --data at IEMOCAP_full_release")
+        raise DaamkitError(f"{root} has no Session1..Session5 folders; point `data` at IEMOCAP_full_release")
     items, labels, chunks, sources = [], [], [], []
     for session in sessions:
         emo_dir = session / "dialog" / "EmoEvaluation"

@@ -47,9 +47,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
-        raise DaamkitError(f"invalid --device {device!r}: {err}") from err
+        raise DaamkitError(f"invalid `device` {device!r}: {err}") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DaamkitError(f"--device {device} asked for CUDA, but no CUDA device is available")
+        raise DaamkitError(f"`device` {device} asked for CUDA, but no CUDA device is available")
     return resolved
 
 
@@ -112,7 +112,7 @@ class FrozenEncoder:
         from transformers import AutoConfig
 
         if dtype not in DTYPES:
-            raise DaamkitError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise DaamkitError(f"unknown `dtype` {dtype!r}; choose one of {', '.join(DTYPES)}")
         folder = resolve_hf_model(name_or_path)
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
@@ -302,7 +302,7 @@ def _model_class(config: Any, folder: Path, trust_remote_code: bool) -> type:
         return get_class_from_dynamic_module(auto_map["AutoModel"], str(folder))
     raise DaamkitError(
         f"{folder} holds a {config.model_type!r} model that transformers' AutoModel does not know"
-        + ("" if trust_remote_code else "; pass --trust-remote-code if you trust its custom code")
+        + ("" if trust_remote_code else "; pass `trust_remote_code` if you trust its custom code")
     )
 
 

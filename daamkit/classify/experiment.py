@@ -68,7 +68,7 @@ def default_epochs(num_train_items: int, batch_size: int) -> int:
 def resolve_mixed_precision(choice: str) -> str:
     """`auto` -> bf16 on a GPU that supports it, fp16 on other GPUs, no mixed precision on CPU."""
     if choice not in MIXED_PRECISION:
-        raise DaamkitError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {choice!r}")
+        raise DaamkitError(f"`mixed_precision` must be one of {', '.join(MIXED_PRECISION)}, got {choice!r}")
     if choice != "auto":
         return choice
     if not torch.cuda.is_available():
@@ -100,7 +100,7 @@ def plan_splits(grouping: Optional[str], sources: dict[str, FeatureSplit], *, se
     """Leave-one-group-out folds when items are grouped (IEMOCAP sessions), else `runs` seeded runs on train/test."""
     if grouping:
         if runs != 1:
-            raise DaamkitError("--runs is for train/test tasks; a session-grouped cache trains one model per fold")
+            raise DaamkitError("`runs` is for train/test tasks; a session-grouped cache trains one model per fold")
         (source,) = sources.values()
         return leave_one_group_out(source.groups, source.labels, _units(source), source.name, seed, dev_fraction)
     train, test = sources["train"], sources["test"]
@@ -153,7 +153,7 @@ def load_run(run_dir: str | Path, features_dir: Optional[str | Path] = None) -> 
     run_dir = Path(run_dir)
     run = read_json(run_dir / RUN_FILE, f"{run_dir} is not a training run folder ({RUN_FILE} is missing)")
     if features_dir is None and not Path(run["features"]).is_dir():
-        raise DaamkitError(f"the feature cache of run {run_dir} ({run['features']}) is gone; pass --features DIR")
+        raise DaamkitError(f"the feature cache of run {run_dir} ({run['features']}) is gone; pass `features` DIR")
     cache = FeatureCache.open(features_dir if features_dir is not None else run["features"])
     manifest = cache.manifest
     for key in ("classes", "hidden_size", "layers", "grouping", "fingerprint", "encoder_config_hash"):

@@ -19,6 +19,7 @@ from daamkit.classify.datasets import DatasetSplit, TaskData, check_task, in_cac
 from daamkit.classify.encoders import FrozenEncoder, Prepared
 from daamkit.classify.feature_cache import FeatureCache, FeatureCacheWriter, identity_mismatch, read_manifest
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log, progress_bar
 
 
@@ -44,8 +45,9 @@ def extract_features(
     "computed", "reused", "seconds"}}}.
     """
     if batch_size < 1:
-        raise DaamkitError(f"--batch-size must be at least 1, got {batch_size}")
+        raise DaamkitError(f"`batch_size` must be at least 1, got {batch_size}")
     check_task(task)
+    out_dir = output_folder(out_dir)  # a file in the way is refused before the encoder is loaded
     if not isinstance(encoder, FrozenEncoder):
         encoder = FrozenEncoder.from_pretrained(
             encoder, include_embeddings=include_embeddings, dtype=dtype, device=device, device_map=device_map,
@@ -54,7 +56,6 @@ def extract_features(
     data = load_task(task, data_dir, sampling_rate=encoder.sampling_rate or 16000, max_items=max_items)
     if data.modality != encoder.modality:
         raise DaamkitError(f"task {task} is {data.modality} data but {encoder.name} is a {encoder.modality} encoder")
-    out_dir = Path(out_dir)
     fields = manifest_fields(data, encoder)
     existing = read_manifest(out_dir)
     if existing is not None:
@@ -62,7 +63,7 @@ def extract_features(
         if mismatch:
             raise DaamkitError(
                 f"feature cache {out_dir} was built with other settings ({mismatch}); "
-                "use another --out folder or delete this one"
+                "use another `out` folder or delete this one"
             )
     summary: dict[str, Any] = {"out": str(out_dir), "task": task, "encoder": encoder.name,
                                "layers": encoder.layers, "hidden_size": encoder.hidden_size, "splits": {}}

@@ -205,14 +205,14 @@ class FeatureCacheWriter:
             if mismatch:
                 raise DaamkitError(
                     f"feature cache {self.directory} was built with other settings ({mismatch}); "
-                    "use another --out folder or delete this one"
+                    "use another `out` folder or delete this one"
                 )
             manifest = existing
         previous = manifest["splits"].get(self.split)
         if previous is not None and previous["num_items"] != self.num_items:
             raise DaamkitError(
                 f"split {self.split!r} of {self.directory} holds {previous['num_items']} items, not {self.num_items}; "
-                "use another --out folder or delete this one"
+                "use another `out` folder or delete this one"
             )
         if previous is None or previous.get("complete"):
             manifest["splits"][self.split] = {"num_items": self.num_items, "complete": False}
@@ -253,7 +253,7 @@ class FeatureCacheWriter:
         if not np.isfinite(features).all() or np.abs(features).max(initial=0.0) > _FLOAT16_MAX:
             raise DaamkitError(
                 f"encoder features of items {start}..{start + count - 1} are not finite or exceed the float16 "
-                "range; try --dtype float32"
+                "range; try `dtype` float32"
             )
         self._features[start:start + count] = features.astype(np.float16)
         self._labels[start:start + count] = np.asarray(labels, dtype=np.int64)

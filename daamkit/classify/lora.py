@@ -47,6 +47,7 @@ from daamkit.classify.protocol import DEFAULT_DEV_FRACTION, SplitPlan
 from daamkit.classify.training import LOSSES, PLATEAU_FACTOR, PLATEAU_PATIENCE, focal_loss
 from daamkit.infra.checkpoint import atomic_write_json, save_checkpoint
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log, progress_bar
 
 LORA_FILE = "lora.json"
@@ -69,7 +70,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
             return list(pair)
     raise DaamkitError(
         f"cannot find the attention query/key projections of this {model_type!r} model; name the Linear "
-        f"modules to adapt with --target-modules (it has: {', '.join(sorted(linear))})"
+        f"modules to adapt with `target_modules` (it has: {', '.join(sorted(linear))})"
     )
 
 
@@ -141,7 +142,7 @@ def check_adapter_gradients(model: nn.Module, model_type: str, targets: Sequence
     hint = ""
     if model_type in TARGET_PRESETS:
         hint = (f"; {model_type} attention reads its projection weights directly, so adapters there cannot "
-                f"train: use --target-modules {','.join(TARGET_PRESETS[model_type])} (the default)")
+                f"train: use `target_modules` {','.join(TARGET_PRESETS[model_type])} (the default)")
     raise DaamkitError(
         f"LoRA adapters on {shown} received no gradient in the first step (target modules "
         f"{','.join(targets)}): the model's forward pass does not call these modules{hint}"
@@ -300,10 +301,10 @@ def train_lora(
     `max_items`, `seed`, `runs` and `dev_fraction`). `target_modules` defaults to the attention query/key
     projections (WavLM: its feed-forward, see the module docstring).
     """
-    out_dir = Path(out_dir)
+    out_dir = output_folder(out_dir)  # a file in the way is refused before anything is read
     _validate(rank, alpha, plus, loraplus_ratio, epochs, lr, batch_size, loss)
     if (out_dir / METRICS_FILE).exists() and not overwrite:
-        raise DaamkitError(f"{out_dir} already holds a finished run; pass --overwrite or choose another --out")
+        raise DaamkitError(f"{out_dir} already holds a finished run; pass `overwrite` or choose another `out`")
     frozen = FrozenEncoder.from_pretrained(encoder, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
     data = load_task(task, data_dir, sampling_rate=frozen.sampling_rate or 16000, max_items=max_items)
     data = replace(data, splits={name: in_cache_order(split, data.modality) for name, split in data.splits.items()})
@@ -344,15 +345,15 @@ def train_lora(
 
 def _validate(rank, alpha, plus, loraplus_ratio, epochs, lr, batch_size, loss) -> None:
     if rank < 1 or alpha <= 0:
-        raise DaamkitError(f"--rank must be at least 1 and --alpha positive, got {rank} and {alpha}")
+        raise DaamkitError(f"`rank` must be at least 1 and `alpha` positive, got {rank} and {alpha}")
     if plus and loraplus_ratio < 1:
-        raise DaamkitError(f"--loraplus-ratio must be at least 1 (lr of B / lr of A), got {loraplus_ratio}")
+        raise DaamkitError(f"`loraplus_ratio` must be at least 1 (lr of B / lr of A), got {loraplus_ratio}")
     if epochs < 1:
-        raise DaamkitError(f"--epochs must be at least 1, got {epochs}")
+        raise DaamkitError(f"`epochs` must be at least 1, got {epochs}")
     if lr is not None and lr <= 0 or batch_size is not None and batch_size < 1:
-        raise DaamkitError("--lr must be positive and --batch-size at least 1")
+        raise DaamkitError("`lr` must be positive and `batch_size` at least 1")
     if loss not in LOSSES:
-        raise DaamkitError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        raise DaamkitError(f"`loss` must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
 def _metrics(settings: dict, plans: list[SplitPlan], history: dict, scores: list[dict]) -> dict[str, Any]:

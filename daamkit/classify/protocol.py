@@ -46,20 +46,20 @@ def parse_layers(spec: Optional[str], available: Sequence[int]) -> Optional[list
     for part in str(spec).split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match:
-            raise DaamkitError(f"--layers {spec!r}: expected numbers and ranges such as 9, 19-21 or 1,3,5-7")
+            raise DaamkitError(f"`layers` {spec!r}: expected numbers and ranges such as 9, 19-21 or 1,3,5-7")
         first, last = int(match.group(1)), int(match.group(2) or match.group(1))
         if last < first:
-            raise DaamkitError(f"--layers {spec!r}: range {first}-{last} is backwards")
+            raise DaamkitError(f"`layers` {spec!r}: range {first}-{last} is backwards")
         wanted.extend(range(first, last + 1))
     available = list(available)
     missing = [layer for layer in wanted if layer not in available]
     if missing:
         raise DaamkitError(
-            f"--layers {spec!r}: layer(s) {missing} are not in the feature cache (it holds layers "
+            f"`layers` {spec!r}: layer(s) {missing} are not in the feature cache (it holds layers "
             f"{available[0]}-{available[-1]})"
         )
     if len(set(wanted)) != len(wanted):
-        raise DaamkitError(f"--layers {spec!r} names a layer twice")
+        raise DaamkitError(f"`layers` {spec!r} names a layer twice")
     return [available.index(layer) for layer in wanted]
 
 
@@ -72,7 +72,7 @@ def dev_split(
     class with at least two units gives round(fraction * units) >= 1 of them to dev.
     """
     if not 0.0 < fraction < 1.0:
-        raise DaamkitError(f"--dev-fraction must be between 0 and 1, got {fraction}")
+        raise DaamkitError(f"`dev_fraction` must be between 0 and 1, got {fraction}")
     unit_of = pool if units is None else np.asarray([units[i] for i in pool], dtype=object)
     unit_names, first, inverse = np.unique(unit_of, return_index=True, return_inverse=True)
     unit_labels = labels[pool[first]]
@@ -115,7 +115,7 @@ def repeated_runs(
 ) -> list[SplitPlan]:
     """`runs` runs on the official train/test split, seeds seed..seed+runs-1, each with its own dev split."""
     if runs < 1:
-        raise DaamkitError(f"--runs must be at least 1, got {runs}")
+        raise DaamkitError(f"`runs` must be at least 1, got {runs}")
     plans = []
     for r in range(runs):
         run_seed = seed + r

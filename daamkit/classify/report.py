@@ -104,6 +104,6 @@ def render_markdown(report: dict) -> str:
 def render_report(run_dirs: Sequence[str | Path], fmt: str = "markdown") -> str:
     """The report of `run_dirs` as markdown or JSON text."""
     if fmt not in FORMATS:
-        raise DaamkitError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise DaamkitError(f"`fmt` must be one of {', '.join(FORMATS)}, got {fmt!r}")
     report = build_report(run_dirs)
     return json.dumps(report, indent=2) if fmt == "json" else render_markdown(report)

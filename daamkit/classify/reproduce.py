@@ -30,6 +30,7 @@ from daamkit.classify.report import build_report, render_markdown
 from daamkit.classify.training import train_decoder
 from daamkit.infra.checkpoint import atomic_write_json, read_json
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log
 
 LORA_METHODS = ("lora", "loraplus")
@@ -69,20 +70,20 @@ class ReproduceOptions:
         chosen = METHODS if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
         unknown = [m for m in chosen if m not in METHODS]
         if unknown or not chosen:
-            raise DaamkitError(f"--methods: unknown or empty {unknown or methods!r}; choose from {', '.join(METHODS)}")
+            raise DaamkitError(f"`methods`: unknown or empty {unknown or methods!r}; choose from {', '.join(METHODS)}")
         if ablation_source not in DENSITY_DECODERS:
-            raise DaamkitError(f"--ablation-source must be a DAAM decoder ({', '.join(DENSITY_DECODERS)}), "
+            raise DaamkitError(f"`ablation_source` must be a DAAM decoder ({', '.join(DENSITY_DECODERS)}), "
                                f"got {ablation_source!r}")
         if "ablation" in chosen and ablation_source not in chosen:
             raise DaamkitError(f"the ablation ranks layers with the {ablation_source} run; add {ablation_source} "
-                               "to --methods or choose another --ablation-source")
+                               "to `methods` or choose another `ablation_source`")
         try:
             ranks = tuple(int(r) for r in lora_ranks.split(",") if r.strip())
         except ValueError as err:
-            message = f"--lora-ranks must be comma-separated integers such as 4,8, got {lora_ranks!r}"
+            message = f"`lora_ranks` must be comma-separated integers such as 4,8, got {lora_ranks!r}"
             raise DaamkitError(message) from err
         if not ranks or min(ranks) < 1:
-            raise DaamkitError(f"--lora-ranks must list ranks of at least 1, got {lora_ranks!r}")
+            raise DaamkitError(f"`lora_ranks` must list ranks of at least 1, got {lora_ranks!r}")
         return cls(
             methods=chosen, epochs=epochs or defaults["epochs"], lora_epochs=lora_epochs or defaults["lora_epochs"],
             runs=runs or defaults["runs"], seed=seed, heads=heads, lora_ranks=ranks, k=k,
@@ -100,7 +101,7 @@ def _check_settings(out: Path, settings: dict) -> None:
         if changed:
             raise DaamkitError(
                 f"{out} holds an experiment run with other settings ({', '.join(changed)} differ); "
-                "use another --out or the same options"
+                "use another `out` or the same options"
             )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, settings)
@@ -117,7 +118,7 @@ def _finished(run_dir: Path, label: str) -> bool:
 def reproduce_experiment(task: str, data_dir: str | Path, encoder: str, out_dir: str | Path,
                          options: ReproduceOptions) -> dict:
     """Run (or resume) the whole experiment into `out_dir`; returns {"report", "markdown", "run_dirs"}."""
-    out, data_dir = Path(out_dir), Path(data_dir)
+    out, data_dir = output_folder(out_dir), Path(data_dir)
     settings = {"task": task, "data": str(data_dir.resolve()), "encoder": encoder,
                 **{key: value for key, value in asdict(options).items() if key not in ("methods", "batch_size", "cpu")}}
     settings["lora_ranks"] = list(options.lora_ranks)

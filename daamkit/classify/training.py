@@ -47,6 +47,7 @@ from daamkit.classify.importance import IMPORTANCE_DIR, write_importance
 from daamkit.classify.protocol import DEFAULT_DEV_FRACTION, SplitPlan, parse_layers
 from daamkit.infra.checkpoint import atomic_write_json, save_checkpoint
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log, progress_bar
 
 LOSSES = ("auto", "focal", "ce")
@@ -94,14 +95,14 @@ def train_decoder(
     `loss="auto"` is the focal loss for speech and cross-entropy otherwise. `method` names the row in
     reports (default: the decoder name, plus the layers when a subset is used).
     """
-    out_dir = Path(out_dir)
+    out_dir = output_folder(out_dir)  # a file in the way is refused before anything is read
     if epochs is not None and epochs < 1:
         raise DaamkitError(f"epochs must be at least 1, got {epochs}")
     if loss not in LOSSES:
         raise DaamkitError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     spec = check_decoder(decoder)  # before any file is read
     if (out_dir / METRICS_FILE).exists() and not overwrite:
-        raise DaamkitError(f"{out_dir} already holds a finished run; pass --overwrite or choose another --out")
+        raise DaamkitError(f"{out_dir} already holds a finished run; pass `overwrite` or choose another `out`")
     cache = FeatureCache.open(features_dir)
     manifest = cache.manifest
     positions = parse_layers(layers, cache.layers)
