@@ -123,9 +123,9 @@ def test_gaussian_ranges_only_for_density_decoders():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("daam-v1", 4, 32, 3, 8), "heads 8 on 4 layers leaves a head fewer than 2 layers.*use heads 2 or fewer"),
-    (("gqdaam", 7, 32, 3, 4), "use heads 3 or fewer"),
-    (("mixture", 1, 32, 3, None), "over 1 layer is the identity.*or use decoder linear"),
+    (("daam-v1", 4, 32, 3, 8), "`heads` 8 on 4 layers leaves a head fewer than 2 layers.*use `heads` 2 or fewer"),
+    (("gqdaam", 7, 32, 3, 4), "use `heads` 3 or fewer"),
+    (("mixture", 1, 32, 3, None), "over 1 layer is the identity.*or use `decoder` linear"),
     (("linear", 3, 32, 3, None), "reads one layer's pooled features, got 3 layers"),
     (("linear", 1, 32, 3, 2), "has no attention heads"),
     (("mha", 8, 30, 3, 8), "not divisible by 8 heads"),
@@ -210,5 +210,5 @@ def test_one_layer_per_head_is_inert_and_refused(name):
     torch.manual_seed(0)
     assert not _inert(decoder_config(name, 4, 16, C, 2))
     assert _inert(DecoderConfig(name, 4, 16, C, 4))  # built without validation
-    with pytest.raises(DaamkitError, match="use heads 2 or fewer"):
+    with pytest.raises(DaamkitError, match="use `heads` 2 or fewer"):
         decoder_config(name, 4, 16, C, 4)

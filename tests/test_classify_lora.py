@@ -68,6 +68,14 @@ def test_lora_changes_only_adapter_and_head_weights(tmp_path, agnews_dir, tiny_b
     with pytest.raises(DaamkitError, match="already holds a finished run"):
         train_lora("agnews", agnews_dir, str(tiny_bert), tmp_path / "run", rank=4, epochs=1)
 
+    # parity with DAT runs: TensorBoard curves from the shared loop, and `classify evaluate` re-scores the run
+    events = list((tmp_path / "run" / "tensorboard" / "run1").glob("events.out.tfevents.*"))
+    assert events and json.loads((tmp_path / "run" / "splits" / "run1" / "history.json").read_text()) == \
+        metrics["history"]["run1"]
+    result = runner.invoke(app, ["classify", "evaluate", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == metrics["accuracy"]
+
 
 def test_loraplus_uses_peft_helper_with_the_ratio(tmp_path, agnews_dir, tiny_llama, monkeypatch):
     from peft.optimizers import create_loraplus_optimizer
@@ -155,9 +163,9 @@ def test_modules_without_gradient_ignores_the_zero_first_gradient_of_lora_a():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--rank", "0"], "--rank must be at least 1"),
+    (["--rank", "0"], "--rank must be an integer of at least 1"),
     (["--plus", "--loraplus-ratio", "0.5"], "--loraplus-ratio must be at least 1"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "0"], "--epochs must be an integer of at least 1"),
 ])
 def test_cli_lora_errors_are_one_line(tmp_path, agnews_dir, tiny_bert, args, message):
     result = runner.invoke(app, ["classify", "lora", "--task", "agnews", "--data", str(agnews_dir), "--encoder",

@@ -13,7 +13,8 @@ from daamkit.classify.evaluation import evaluate_run
 from daamkit.classify.experiment import LR_GRID, MIN_TRAIN_STEPS, PAPER_EPOCHS, default_epochs
 from daamkit.classify.importance import importance_run
 from daamkit.classify.report import build_report, render_report
-from daamkit.classify.training import focal_loss, train_decoder
+from daamkit.classify.split_loop import focal_loss
+from daamkit.classify.training import train_decoder
 from daamkit.cli.main import app
 from daamkit.infra.checkpoint import load_weights
 from daamkit.infra.errors import DaamkitError
@@ -203,10 +204,10 @@ def test_cli_train_evaluate_report_and_errors(agnews_cache, tmp_path):
         (["train", "--features", str(agnews_cache), "--decoder", "daam-v2", "--out", str(out)], "already holds"),
         (["train", "--features", str(tmp_path), "--decoder", "mha", "--out", str(tmp_path / "x")], "not a feature cache"),
         (["train", "--features", str(agnews_cache), "--decoder", "daam-v1", "--heads", "4", "--out",
-          str(tmp_path / "x")], "use heads 2 or fewer"),
+          str(tmp_path / "x")], "use --heads 2 or fewer"),
         (["train", "--features", str(agnews_cache), "--decoder", "mha", "--lr", "fast", "--out", str(tmp_path / "x")],
-         "lr must be a positive number or auto"),
-        (["train", "--config", str(config), "--out", str(tmp_path / "x")], "epochs must be at least 1"),
+         "--lr must be a positive number or auto"),
+        (["train", "--config", str(config), "--out", str(tmp_path / "x")], "--epochs must be an integer of at least 1"),
         (["train", "--config", str(config)], "--out is required"),
         (["evaluate", str(tmp_path)], "not a training run folder"),
         (["evaluate", str(out)], "is gone; pass --features"),
@@ -250,3 +251,48 @@ def test_default_epochs_reach_the_step_floor():
     assert default_epochs(540, 32) == PAPER_EPOCHS  # 17 steps x 35 epochs >= MIN_TRAIN_STEPS
     assert default_epochs(360, 32) == -(-MIN_TRAIN_STEPS // 12)
     assert default_epochs(10, 32) == MIN_TRAIN_STEPS
+
+
+def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch):
+    """Interrupted inside the lr search and again inside run 2, then resumed: same result as one go.
+
+    mha-bn: its BatchNorm running statistics must come back too, not only the trained weights.
+    """
+    from daamkit.classify import training
+
+    cache = write_train_test_cache(tmp_path / "cache", task="text-csv", num_train=40, num_layers=4)
+    options = {"epochs": 3, "runs": 2, "heads": 2}
+    full = train_decoder(cache, "mha-bn", tmp_path / "full", **options)
+    original, calls = training.accuracy, []
+
+    def interrupt_at(*stops):
+        def accuracy(*args):
+            calls.append(1)
+            if len(calls) in stops:
+                raise KeyboardInterrupt
+            return original(*args)
+        monkeypatch.setattr(training, "accuracy", accuracy)
+
+    out = tmp_path / "resumed"
+    interrupt_at(5)  # lr search, second candidate, epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(cache, "mha-bn", out, **options)
+    result = runner.invoke(app, ["classify", "train", "--features", str(cache), "--decoder", "mha-bn", "--out",
+                                 str(out), "--quiet"])
+    assert result.exit_code == 2 and "pass --resume to continue it" in result.stderr
+    calls.clear()
+    interrupt_at(8)  # 3 epochs of the third candidate, then run2 epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        train_decoder(None, None, out, resume=True)
+    monkeypatch.setattr(training, "accuracy", original)
+    result = runner.invoke(app, ["classify", "train", "--out", str(out), "--resume", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    resumed = json.loads(result.stdout)
+    assert resumed == full
+    for split in ("run1", "run2"):
+        assert load_weights(out / "splits" / split / "best") .keys() == load_weights(
+            tmp_path / "full" / "splits" / split / "best").keys()
+        for key, value in load_weights(out / "splits" / split / "best").items():
+            assert torch.equal(value, load_weights(tmp_path / "full" / "splits" / split / "best")[key]), (split, key)
+    result = runner.invoke(app, ["classify", "train", "--out", str(out), "--resume"])
+    assert result.exit_code == 2 and "has finished already" in result.stderr

@@ -4,7 +4,8 @@
 trains the same decoder with the same settings, folds and seeds on its top-k and on its bottom-k layers
 (`classify train --layers`), and writes the comparison: layers chosen, per-split and mean accuracy of
 both, and their difference, with the full-layer run as a reference row (`ablation.md`, `ablation.json`).
-The two runs live in `OUT/top` and `OUT/bottom`; a rerun reuses whichever already finished.
+The two runs live in `OUT/top` and `OUT/bottom`; a rerun reuses whichever already finished and continues
+an interrupted one.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from daamkit.classify.decoders import MIN_LAYERS_PER_HEAD, max_density_heads
-from daamkit.classify.experiment import METRICS_FILE, load_run
+from daamkit.classify.experiment import METRICS_FILE, RUN_FILE, load_run
 from daamkit.classify.importance import IMPORTANCE_DIR
 from daamkit.classify.report import METRICS
 from daamkit.classify.training import train_decoder
@@ -67,7 +68,7 @@ def _train_or_reuse(features: Path, run: dict, out: Path, layers: list[int], lab
         batch_size=run["batch_size"], seed=run["seed"], runs=run["runs"], heads=heads,
         gaussians=run["decoder"]["gaussians"], dev_fraction=run["dev_fraction"], loss=run["loss"],
         weight_decay=run["weight_decay"], mixed_precision=mixed_precision, cpu=cpu,
-        method=f"{run['method']} · {label}{method}",
+        method=f"{run['method']} · {label}{method}", resume=(out / RUN_FILE).is_file(),
     )
 
 

@@ -19,9 +19,10 @@ class FeatureBatches:
     """Iterable of `(features float32 [B, N, d], labels int64 [B], indices int64 [B])` over a subset of items.
 
     `features` is the `(items, L, d)` cache array (usually an `np.memmap`); `layers` are positions along
-    its L axis (None = all). With a `seed`, every pass shuffles the order (different each epoch);
-    without one, items come in index order. `shard=(rank, world)` keeps every world-th batch row for
-    data-parallel training (all ranks see the same number of batches).
+    its L axis (None = all). With a `seed`, every pass shuffles the order with `rng` (different each
+    epoch; a resumed run restores its state); without one, items come in index order.
+    `shard=(rank, world)` keeps every world-th batch row for data-parallel training (all ranks see the
+    same number of batches).
     """
 
     def __init__(
@@ -41,14 +42,14 @@ class FeatureBatches:
         self.layers = None if layers is None or list(layers) == list(range(features.shape[1])) else np.asarray(layers)
         self.pin_memory = pin_memory
         self.rank, self.world = shard
-        self._rng = None if seed is None else np.random.default_rng(seed)
+        self.rng = None if seed is None else np.random.default_rng(seed)
 
     def __len__(self) -> int:
         per_rank = len(self.indices) // self.world if self.world > 1 else len(self.indices)
         return -(-per_rank // self.batch_size)
 
     def _order(self) -> np.ndarray:
-        order = self.indices if self._rng is None else self._rng.permutation(self.indices)
+        order = self.indices if self.rng is None else self.rng.permutation(self.indices)
         if self.world > 1:
             usable = (len(order) // self.world) * self.world
             order = order[self.rank : usable : self.world]

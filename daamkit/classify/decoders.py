@@ -176,21 +176,21 @@ def decoder_config(
     spec = check_decoder(decoder)
     gaussians = DEFAULT_GAUSSIANS if gaussians is None else gaussians
     if heads is not None and heads < 1 or gaussians < 1:
-        raise DaamkitError(f"heads and gaussians must be at least 1, got {heads} and {gaussians}")
+        raise DaamkitError(f"`heads` and `gaussians` must be at least 1, got {heads} and {gaussians}")
     if num_classes < 2:
         raise DaamkitError(f"a classifier needs at least 2 classes, the feature cache has {num_classes}")
     if spec.paper_heads is None and heads is not None:
-        raise DaamkitError(f"decoder {decoder} has no attention heads; leave heads unset")
+        raise DaamkitError(f"decoder {decoder} has no attention heads; leave `heads` unset")
     if spec.one_layer:
         if num_layers != 1:
             raise DaamkitError(f"decoder {decoder} reads one layer's pooled features, got {num_layers} layers; "
-                               "choose one layer (e.g. layers 12) or leave layers unset for the last one")
+                               "choose one with `layers` (e.g. 12) or leave it unset for the last one")
         return DecoderConfig(decoder, num_layers, hidden_size, num_classes, None, gaussians)
     if spec.density:
         if num_layers < MIN_LAYERS_PER_HEAD:
             raise DaamkitError(
                 f"decoder {decoder} over {num_layers} layer is the identity (DAAM standardises across layers: "
-                f"its gate is exactly 1); train it on at least {MIN_LAYERS_PER_HEAD} layers, or use decoder linear"
+                f"its gate is exactly 1); train it on at least {MIN_LAYERS_PER_HEAD} `layers`, or use `decoder` linear"
             )
         most = max_density_heads(num_layers)
         if heads is None:
@@ -200,8 +200,8 @@ def decoder_config(
                     f"of them spans at least {MIN_LAYERS_PER_HEAD} of the {num_layers} layers")
         elif heads > most:
             raise DaamkitError(
-                f"decoder {decoder}: heads {heads} on {num_layers} layers leaves a head fewer than "
-                f"{MIN_LAYERS_PER_HEAD} layers (DAAM over one layer is the identity); use heads {most} or fewer"
+                f"decoder {decoder}: `heads` {heads} on {num_layers} layers leaves a head fewer than "
+                f"{MIN_LAYERS_PER_HEAD} layers (DAAM over one layer is the identity); use `heads` {most} or fewer"
             )
     heads = spec.paper_heads if heads is None else heads
     if decoder in ("mha", "mha-bn") and hidden_size % heads:

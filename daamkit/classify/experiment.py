@@ -13,6 +13,7 @@ import torch
 
 from daamkit.classify.feature_cache import FeatureCache, FeatureSplit
 from daamkit.classify.protocol import SplitPlan, leave_one_group_out, repeated_runs
+from daamkit.classify.run_config import MIXED_PRECISION
 from daamkit.infra.checkpoint import read_json
 from daamkit.infra.errors import DaamkitError
 
@@ -21,7 +22,6 @@ METRICS_FILE = "metrics.json"
 SPEECH_TASKS = ("iemocap", "audio-folder")
 # The paper's experiments; every other task is a user's own data, where `lr` defaults to "auto".
 PAPER_TASKS = ("iemocap", "agnews", "cifar100")
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 PAPER_EPOCHS = 35
 # The paper's budget (35 epochs over 5k-120k items) is thousands of optimizer steps; on a user's few
 # hundred items 35 epochs are a few hundred steps, so the default budget is at least this many steps.
@@ -55,7 +55,7 @@ def resolve_lr(lr, manifest: dict) -> float | str:
     except (TypeError, ValueError):
         value = float("nan")
     if not value > 0:
-        raise DaamkitError(f"lr must be a positive number or auto, got {lr!r}")
+        raise DaamkitError(f"`lr` must be a positive number or auto, got {lr!r}")
     return value
 
 

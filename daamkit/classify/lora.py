@@ -26,10 +26,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from daamkit.classify.datasets import DatasetSplit, TaskData, in_cache_order, load_task
+from daamkit.classify.datasets import DatasetSplit, TaskData, check_task, in_cache_order, load_task
 from daamkit.classify.encoders import FrozenEncoder, masked_mean
 from daamkit.classify.evaluation import accuracy, accuracy_block, has_utterances, utterance_accuracy
 from daamkit.classify.experiment import (
@@ -43,16 +42,15 @@ from daamkit.classify.experiment import (
     split_checkpoint_dir,
 )
 from daamkit.classify.feature_cache import FeatureSplit
-from daamkit.classify.protocol import DEFAULT_DEV_FRACTION, SplitPlan
-from daamkit.classify.training import LOSSES, PLATEAU_FACTOR, PLATEAU_PATIENCE, focal_loss
-from daamkit.infra.checkpoint import atomic_write_json, save_checkpoint
+from daamkit.classify.protocol import SplitPlan
+from daamkit.classify.run_config import LoRARunConfig
+from daamkit.classify.split_loop import fit_split
+from daamkit.infra.checkpoint import atomic_write_json, load_config, load_weights, read_json
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
-from daamkit.infra.progress import log, progress_bar
+from daamkit.infra.progress import log
 
 LORA_FILE = "lora.json"
-DEFAULT_EPOCHS = 3
-DEFAULT_LORAPLUS_RATIO = 16.0
 # Model types whose query/key adapters cannot train (see the module docstring) -> modules that do.
 TARGET_PRESETS = {"wavlm": ("intermediate_dense", "output_dense")}
 # Names of the attention query/key projections, tried in order on models without a preset.
@@ -197,21 +195,23 @@ class _Job:
     def predict(self, model: LoRAClassifier, split_name: str, indices: np.ndarray) -> np.ndarray:
         """float32 logits `[n, classes]` for `indices` of a split, in index order."""
         split, logits = self.splits[split_name], []
+        was_training = model.training
         model.eval()
         with torch.no_grad():
             for batch in _batches(indices, self.settings["batch_size"], None):
                 with self.accelerator.autocast():
                     out = model(self.encoder.prepare([split.load(int(i)) for i in batch]))
                 logits.append(out.float().cpu().numpy())
+        model.train(was_training)
         return np.concatenate(logits)
 
-    def train_split(self, base: nn.Module, plan: SplitPlan) -> tuple[list[dict], dict, nn.Module]:
-        """Train one fold/run; returns (history, test scores of the best dev epoch, the base model back)."""
+    def adapt(self, base: nn.Module, seed: int) -> LoRAClassifier:
+        """`base` with fresh (seeded) LoRA adapters and a fresh linear head."""
         from accelerate.utils import set_seed
         from peft import LoraConfig, get_peft_model
 
-        s, accelerator = self.settings, self.accelerator
-        set_seed(plan.seed)
+        s = self.settings
+        set_seed(seed)
         config = LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=0.0, target_modules=s["target_modules"])
         try:
             with warnings.catch_warnings():  # peft calls a transformers API that transformers deprecated
@@ -219,47 +219,25 @@ class _Job:
                 adapted = get_peft_model(base, config)
         except ValueError as err:
             raise DaamkitError(f"cannot add LoRA adapters to {self.encoder.name}: {str(err).splitlines()[0]}") from err
-        model = LoRAClassifier(adapted, self.encoder.hidden_size, len(self.data.classes), self.encoder.model_inputs)
-        optimizer = make_optimizer(model, s)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=PLATEAU_FACTOR,
-                                                               patience=PLATEAU_PATIENCE)
-        trained, optimizer = accelerator.prepare(model, optimizer)
-        loss_fn = focal_loss if s["loss"] == "focal" else F.cross_entropy
-        train_split = self.splits[plan.train_source]
-        rng = np.random.default_rng(plan.seed)
-        history, best, best_state = [], -1.0, None
-        steps = len(_batches(plan.train, s["batch_size"], None))
-        with progress_bar(f"{plan.name} LoRA", total=s["epochs"] * steps) as bar:
-            for epoch in range(1, s["epochs"] + 1):
-                trained.train()
-                total, seen = 0.0, 0
-                for batch in _batches(plan.train, s["batch_size"], rng):
-                    prepared = self.encoder.prepare([train_split.load(int(i)) for i in batch])
-                    labels = torch.as_tensor(self.views[plan.train_source].labels[batch], device=accelerator.device)
-                    loss = loss_fn(trained(prepared), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    if epoch == 1 and seen == 0:
-                        check_adapter_gradients(model, self.model_type, s["target_modules"])
-                    total, seen = total + loss.item() * len(batch), seen + len(batch)
-                    bar.advance(epoch=epoch, loss=total / seen, best_dev=max(best, 0.0))
-                dev_logits = self.predict(model, plan.train_source, plan.dev)
-                dev_accuracy = accuracy(dev_logits, plan.dev, self.views[plan.train_source])
-                scheduler.step(dev_accuracy)
-                history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "dev_accuracy": dev_accuracy,
-                                "lr": optimizer.param_groups[0]["lr"]})
-                if dev_accuracy > best:  # first epoch with the highest dev accuracy wins
-                    best, best_epoch, best_state = dev_accuracy, epoch, trainable_state(model)
-        save_checkpoint(split_checkpoint_dir(self.out_dir, plan.name), best_state,
-                        {"lora": {k: s[k] for k in ("rank", "alpha", "target_modules", "plus")},
-                         "split": plan.name, "seed": plan.seed, "best_epoch": best_epoch, "dev_accuracy": best})
-        model.load_state_dict(best_state, strict=False)
-        scores = self._score(model, plan, {"name": plan.name, "dev_accuracy": best, "best_epoch": best_epoch})
-        counts = parameter_counts(model)
-        return history, {**scores, "counts": counts}, adapted.unload()
+        return LoRAClassifier(adapted, self.encoder.hidden_size, len(self.data.classes), self.encoder.model_inputs)
 
-    def _score(self, model: LoRAClassifier, plan: SplitPlan, base: dict) -> dict:
+    def train_split(self, base: nn.Module, plan: SplitPlan) -> tuple[list[dict], dict, nn.Module]:
+        """Train one fold/run (or continue it); returns (history, test scores of the best dev epoch, the base back)."""
+        split_job = _LoRASplitJob(self, base, plan)
+        folder = split_checkpoint_dir(self.out_dir, plan.name).parent
+        history = fit_split(split_job, epochs=self.settings["epochs"], lr=self.settings["lr"],
+                            loss=self.settings["loss"], accelerator=self.accelerator, folder=folder,
+                            log_dir=self.out_dir / "tensorboard" / plan.name, label=f"{plan.name} LoRA")
+        model = split_job.model if split_job.model is not None else self.adapt(base, plan.seed)
+        scores = self.score(model, plan)
+        return history, {**scores, "counts": parameter_counts(model)}, model.encoder.unload()
+
+    def score(self, model: LoRAClassifier, plan: SplitPlan) -> dict:
+        """Test accuracy (and utterance accuracy for chunked audio) of the split's best checkpoint."""
+        best = split_checkpoint_dir(self.out_dir, plan.name)
+        model.load_state_dict(load_weights(best), strict=False)
+        saved = load_config(best)
+        base = {"name": plan.name, "dev_accuracy": saved["dev_accuracy"], "best_epoch": saved["best_epoch"]}
         view = self.views[plan.test_source]
         logits = self.predict(model, plan.test_source, plan.test)
         scores = {"accuracy": {**base, "accuracy": accuracy(logits, plan.test, view)}}
@@ -268,70 +246,99 @@ class _Job:
         return scores
 
 
-def train_lora(
-    task: str,
-    data_dir: str | Path,
-    encoder: str,
-    out_dir: str | Path,
-    *,
-    rank: int = 8,
-    alpha: float = 16.0,
-    plus: bool = False,
-    loraplus_ratio: float = DEFAULT_LORAPLUS_RATIO,
-    target_modules: Optional[Sequence[str]] = None,
-    epochs: int = DEFAULT_EPOCHS,
-    lr: Optional[float] = None,
-    batch_size: Optional[int] = None,
-    seed: int = 0,
-    runs: int = 1,
-    dev_fraction: float = DEFAULT_DEV_FRACTION,
-    loss: str = "auto",
-    weight_decay: float = 0.1,
-    max_items: Optional[int] = None,
-    dtype: str = "float32",
-    mixed_precision: str = "auto",
-    cpu: bool = False,
-    overwrite: bool = False,
-    method: Optional[str] = None,
-    trust_remote_code: bool = False,
-) -> dict:
-    """Fine-tune `encoder` with LoRA (or LoRA+ with `plus`) on `task`; write the run to `out_dir`, return metrics.
+class _LoRASplitJob:
+    """One fold/run of a LoRA run for `fit_split`: encoder batches, dev accuracy, adapter + head state."""
 
-    Folds/runs, seeds and dev splits are those `classify train` uses for the same task data (with the same
-    `max_items`, `seed`, `runs` and `dev_fraction`). `target_modules` defaults to the attention query/key
-    projections (WavLM: its feed-forward, see the module docstring).
-    """
-    out_dir = output_folder(out_dir)  # a file in the way is refused before anything is read
-    _validate(rank, alpha, plus, loraplus_ratio, epochs, lr, batch_size, loss)
-    if (out_dir / METRICS_FILE).exists() and not overwrite:
-        raise DaamkitError(f"{out_dir} already holds a finished run; pass `overwrite` or choose another `out`")
-    frozen = FrozenEncoder.from_pretrained(encoder, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
-    data = load_task(task, data_dir, sampling_rate=frozen.sampling_rate or 16000, max_items=max_items)
+    def __init__(self, job: _Job, base: nn.Module, plan: SplitPlan):
+        self.job, self.base, self.plan = job, base, plan
+        self.rng = np.random.default_rng(plan.seed)
+        self.model: Optional[LoRAClassifier] = None
+
+    def build(self, lr: float):
+        self.model = self.job.adapt(self.base, self.plan.seed)
+        return self.model, make_optimizer(self.model, {**self.job.settings, "lr": lr})
+
+    def steps_per_epoch(self) -> int:
+        return len(_batches(self.plan.train, self.job.settings["batch_size"], None))
+
+    def batches(self):
+        job, source = self.job, self.plan.train_source
+        for batch in _batches(self.plan.train, job.settings["batch_size"], self.rng):
+            prepared = job.encoder.prepare([job.splits[source].load(int(i)) for i in batch])
+            yield prepared, torch.as_tensor(job.views[source].labels[batch], device=job.accelerator.device)
+
+    def after_first_step(self) -> None:
+        check_adapter_gradients(self.model, self.job.model_type, self.job.settings["target_modules"])
+
+    def dev_accuracy(self) -> float:
+        source = self.plan.train_source
+        logits = self.job.predict(self.model, source, self.plan.dev)
+        return accuracy(logits, self.plan.dev, self.job.views[source])
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.model)
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)
+
+    def checkpoint_config(self) -> dict:
+        s = self.job.settings
+        return {"lora": {k: s[k] for k in ("rank", "alpha", "target_modules", "plus")}, "split": self.plan.name,
+                "seed": self.plan.seed}
+
+
+def _open_job(settings: dict, out_dir: Path, cpu: bool) -> tuple[_Job, nn.Module, list[SplitPlan]]:
+    """The encoder, data (in cache row order), folds/runs and accelerator of a LoRA run's settings."""
+    frozen = FrozenEncoder.from_pretrained(settings["encoder_path"], dtype=settings["dtype"], device="cpu",
+                                           trust_remote_code=settings["trust_remote_code"])
+    data = load_task(settings["task"], settings["data"], sampling_rate=frozen.sampling_rate or 16000,
+                     max_items=settings["max_items"])
     data = replace(data, splits={name: in_cache_order(split, data.modality) for name, split in data.splits.items()})
     if data.modality != frozen.modality:
-        raise DaamkitError(f"task {task} is {data.modality} data but {frozen.name} is a {frozen.modality} encoder")
-    base = frozen.load()
-    targets = list(target_modules) if target_modules else default_target_modules(base)
-    task_info = {"task": task, "encoder": frozen.name}
+        raise DaamkitError(f"task {settings['task']} is {data.modality} data but {frozen.name} is a "
+                           f"{frozen.modality} encoder")
+    if "fingerprint" in settings and settings["fingerprint"] != data.fingerprint:
+        raise DaamkitError(f"the data in {settings['data']} changed since the LoRA run in {out_dir} was trained")
+    views, plans = task_plans(data, seed=settings["seed"], runs=settings["runs"], dev_fraction=settings["dev_fraction"])
+    accelerator = make_accelerator(settings["mixed_precision"], cpu=cpu)
+    return _Job(data, views, frozen, settings, accelerator, out_dir), frozen.load(), plans
+
+
+def train_lora(task: str, data_dir: str | Path, encoder: str, out_dir: str | Path, *, overwrite: bool = False,
+               cpu: bool = False, trust_remote_code: bool = False, **options) -> dict:
+    """Fine-tune `encoder` with LoRA (or LoRA+ with `plus`) on `task`; write the run to `out_dir`, return metrics.
+
+    `options` are the fields of `LoRARunConfig`. Folds/runs, seeds and dev splits are those `classify
+    train` uses for the same task data (with the same `max_items`, `seed`, `runs` and `dev_fraction`).
+    `target_modules` defaults to the attention query/key projections (WavLM: its feed-forward, see the
+    module docstring).
+    """
+    out_dir = output_folder(out_dir)  # a file in the way is refused before anything is read
+    config = LoRARunConfig(**options)
+    check_task(task)
+    if (out_dir / METRICS_FILE).exists() and not overwrite:
+        raise DaamkitError(f"{out_dir} already holds a finished run; pass `overwrite` or choose another `out`")
+    task_info = {"task": task, "encoder": encoder}
     settings = {
-        "task": task, "data": str(Path(data_dir).resolve()), "encoder": frozen.name, "classes": data.classes,
-        "fingerprint": data.fingerprint, "max_items": max_items, "rank": rank, "alpha": alpha, "plus": plus,
-        "loraplus_ratio": loraplus_ratio if plus else None, "target_modules": targets, "epochs": epochs,
-        "lr": lr if lr is not None else default_lr(task_info),
-        "batch_size": batch_size or default_batch_size(task_info), "weight_decay": weight_decay,
-        "loss": ("focal" if is_speech(task_info) else "ce") if loss == "auto" else loss,
-        "dev_fraction": dev_fraction, "seed": seed, "runs": runs, "dtype": dtype,
-        "mixed_precision": resolve_mixed_precision(mixed_precision),
-        "method": method or f"{'LoRA+' if plus else 'LoRA'} (r={rank})",
+        **config.to_dict(), "config": config.to_dict(), "task": task, "data": str(Path(data_dir).resolve()),
+        "encoder_path": encoder, "trust_remote_code": trust_remote_code,
+        "loraplus_ratio": config.loraplus_ratio if config.plus else None,
+        "lr": config.lr if config.lr is not None else default_lr(task_info),
+        "batch_size": config.batch_size or default_batch_size(task_info),
+        "loss": ("focal" if is_speech(task_info) else "ce") if config.loss == "auto" else config.loss,
+        "mixed_precision": resolve_mixed_precision(config.mixed_precision),
+        "method": config.method or f"{'LoRA+' if config.plus else 'LoRA'} (r={config.rank})",
     }
-    views, plans = task_plans(data, seed=seed, runs=runs, dev_fraction=dev_fraction)
-    if overwrite:
-        shutil.rmtree(out_dir / "splits", ignore_errors=True)
-        (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    for folder in ("splits", "tensorboard"):  # a new run never continues an old one's epochs
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    job, base, plans = _open_job(settings, out_dir, cpu)
+    targets = list(config.target_modules) if config.target_modules else default_target_modules(base)
+    settings.update({"encoder": job.encoder.name, "classes": job.data.classes, "fingerprint": job.data.fingerprint,
+                     "target_modules": targets})
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / LORA_FILE, settings)
-    job = _Job(data, views, frozen, settings, make_accelerator(settings["mixed_precision"], cpu=cpu), out_dir)
-    log(f"{settings['method']} on {frozen.name}: adapting {', '.join(targets)}")
+    log(f"{settings['method']} on {job.encoder.name}: adapting {', '.join(targets)}")
     history, scores = {}, []
     for plan in plans:
         history[plan.name], split_scores, base = job.train_split(base, plan)
@@ -343,17 +350,22 @@ def train_lora(
     return metrics
 
 
-def _validate(rank, alpha, plus, loraplus_ratio, epochs, lr, batch_size, loss) -> None:
-    if rank < 1 or alpha <= 0:
-        raise DaamkitError(f"`rank` must be at least 1 and `alpha` positive, got {rank} and {alpha}")
-    if plus and loraplus_ratio < 1:
-        raise DaamkitError(f"`loraplus_ratio` must be at least 1 (lr of B / lr of A), got {loraplus_ratio}")
-    if epochs < 1:
-        raise DaamkitError(f"`epochs` must be at least 1, got {epochs}")
-    if lr is not None and lr <= 0 or batch_size is not None and batch_size < 1:
-        raise DaamkitError("`lr` must be positive and `batch_size` at least 1")
-    if loss not in LOSSES:
-        raise DaamkitError(f"`loss` must be one of {', '.join(LOSSES)}, got {loss!r}")
+def evaluate_lora(run_dir: str | Path, cpu: bool = False) -> dict:
+    """Re-score a saved LoRA run (`classify evaluate`): every fold/run's best adapters on its test items."""
+    run_dir = Path(run_dir)
+    settings = read_json(run_dir / LORA_FILE, f"{run_dir} is not a LoRA run folder ({LORA_FILE} is missing)")
+    job, base, plans = _open_job(settings, run_dir, cpu)
+    scores = []
+    for plan in plans:
+        if not split_checkpoint_dir(run_dir, plan.name).is_dir():
+            raise DaamkitError(f"run {run_dir} has no checkpoint for split {plan.name}")
+        model = job.adapt(base, plan.seed)
+        scores.append(job.score(model, plan))
+        base = model.encoder.unload()
+    result = {"accuracy": accuracy_block([s["accuracy"] for s in scores])}
+    if "utterance_accuracy" in scores[0]:
+        result["utterance_accuracy"] = accuracy_block([s["utterance_accuracy"] for s in scores])
+    return result
 
 
 def _metrics(settings: dict, plans: list[SplitPlan], history: dict, scores: list[dict]) -> dict[str, Any]:

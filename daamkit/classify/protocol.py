@@ -17,9 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from daamkit.classify.run_config import DEFAULT_DEV_FRACTION
 from daamkit.infra.errors import DaamkitError
-
-DEFAULT_DEV_FRACTION = 0.1
 
 
 @dataclass(frozen=True)

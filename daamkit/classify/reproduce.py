@@ -10,7 +10,7 @@ For a task, data folder and encoder it runs, in `OUT`:
     reproduce.json                 the settings; resuming finished runs with other settings is refused
 
 A run counts as finished when its `metrics.json` exists; a rerun skips it, so an interrupted experiment
-resumes where it stopped (an unfinished run is trained again from the start).
+resumes where it stopped (an unfinished decoder run continues from its last epoch, a LoRA run restarts).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Optional
 from daamkit.classify.ablation import render_markdown as render_ablation
 from daamkit.classify.ablation import run_ablation
 from daamkit.classify.decoders import DENSITY_DECODERS, REGISTRY, TABLE_DECODERS, decoder_config
-from daamkit.classify.experiment import METRICS_FILE, default_lr
+from daamkit.classify.experiment import METRICS_FILE, RUN_FILE, default_lr
 from daamkit.classify.extract import extract_features
 from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.lora import train_lora
@@ -141,7 +141,7 @@ def reproduce_experiment(task: str, data_dir: str | Path, encoder: str, out_dir:
         run_dir = out / "runs" / decoder
         if not _finished(run_dir, decoder):
             train_decoder(features, decoder, run_dir, epochs=options.epochs, lr=default_lr(cache.manifest),
-                          heads=heads[decoder], **common)
+                          heads=heads[decoder], resume=(run_dir / RUN_FILE).is_file(), **common)
         run_dirs.append(run_dir)
     for method in (m for m in options.methods if m in LORA_METHODS):
         for rank in options.lora_ranks:

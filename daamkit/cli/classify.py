@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from daamkit.classify.run_config import DecoderRunConfig, LoRARunConfig
 from daamkit.cli.app import new_app, options_with_config
 
 app = new_app("Frozen-encoder DAT classifiers: extract, train, evaluate, importance, report.")
@@ -75,6 +76,9 @@ def _echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
+_R = DecoderRunConfig.default
+
+
 @app.command()
 def train(
     ctx: typer.Context,
@@ -82,34 +86,38 @@ def train(
     decoder: Optional[str] = typer.Option(None, "--decoder", help=_DECODER_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder to write (metrics, checkpoints, logs)."),
     epochs: Optional[int] = typer.Option(
-        None, "--epochs", help="Epochs per fold/run [default: 35, more on small data: at least 500 steps]."),
+        _R("epochs"), "--epochs", help="Epochs per fold/run [default: 35, more on small data: at least 500 steps]."),
     lr: Optional[str] = typer.Option(
-        None, "--lr", help="Learning rate or auto (best dev accuracy of 3e-4, 1e-3, 3e-3 on the first split) "
-        "[default: auto on your own data; the paper's 1e-4 (5e-5 for Llama) on iemocap/agnews/cifar100]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
-    seed: int = typer.Option(0, "--seed", help="Seed of the first run; run r uses seed + r."),
-    runs: int = typer.Option(1, "--runs", help="Repeated runs with different seeds (train/test tasks)."),
+        _R("lr"), "--lr", help="Learning rate or auto (best dev accuracy of 3e-4, 1e-3, 3e-3 on the first split; "
+        "in --config a string such as \"1e-3\") [default: auto on your own data; the paper's 1e-4 (5e-5 for "
+        "Llama) on iemocap/agnews/cifar100]."),
+    batch_size: Optional[int] = typer.Option(_R("batch_size"), "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
+    seed: int = typer.Option(_R("seed"), "--seed", help="Seed of the first run; run r uses seed + r."),
+    runs: int = typer.Option(_R("runs"), "--runs", help="Repeated runs with different seeds (train/test tasks)."),
     layers: Optional[str] = typer.Option(
-        None, "--layers", help="Encoder layers to train on, e.g. 9 or 19-21 [default: all; linear: the last]."),
+        _R("layers"), "--layers", help="Encoder layers to train on, e.g. 9 or 19-21 [default: all; linear: the last]."),
     heads: Optional[int] = typer.Option(
-        None, "--heads", help="Attention/DAAM heads [default: the paper's; DAAM: fewer, so each head spans 2+ layers]."),
-    gaussians: Optional[int] = typer.Option(None, "--gaussians", help="Gaussians per head (mixture) [default: 4]."),
-    dev_fraction: float = typer.Option(0.1, "--dev-fraction", help="Share of the training pool held out as dev."),
-    loss: str = typer.Option("auto", "--loss", help="auto (focal for speech, else ce) | focal | ce"),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay."),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help=_MP_HELP),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder."),  # noqa: A002
+        _R("heads"), "--heads", help="Attention/DAAM heads [default: the paper's; DAAM: fewer, so each head spans 2+ layers]."),
+    gaussians: Optional[int] = typer.Option(_R("gaussians"), "--gaussians", help="Gaussians per head (mixture) [default: 4]."),
+    dev_fraction: float = typer.Option(_R("dev_fraction"), "--dev-fraction", help="Share of the training pool held out as dev."),
+    loss: str = typer.Option(_R("loss"), "--loss", help="auto (focal for speech, else ce) | focal | ce"),
+    weight_decay: float = typer.Option(_R("weight_decay"), "--weight-decay", help="AdamW weight decay."),
+    mixed_precision: str = typer.Option(_R("mixed_precision"), "--mixed-precision", help=_MP_HELP),
+    compile: bool = typer.Option(_R("compile"), "--compile", help="torch.compile the decoder."),  # noqa: A002
     cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is present."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in --out."),
-    method: Optional[str] = typer.Option(None, "--method", help="Row name in reports [default: decoder name]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished or unfinished run in --out."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the interrupted run in --out with its saved settings (other options unused)."),
+    method: Optional[str] = typer.Option(_R("method"), "--method", help="Row name in reports [default: decoder name]."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of these options; flags win."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Train a DAT decoder on cached features: folds (IEMOCAP) or seeded runs, dev-split model selection."""
+    """Train a DAT decoder or linear probe on cached features: folds or seeded runs, dev-split model selection."""
     from daamkit.classify.training import train_decoder
 
-    values = _resolve_options(ctx, config, quiet, ("features", "decoder", "out"))
+    required = ("out",) if resume else ("features", "decoder", "out")
+    values = _resolve_options(ctx, config, quiet, required)
     metrics = train_decoder(values.pop("features"), values.pop("decoder"), values.pop("out"), **values)
     if as_json:
         _echo_json(metrics)
@@ -120,19 +128,23 @@ def train(
 
 @app.command()
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="Run folder written by classify train."),
+    run_dir: Path = typer.Argument(..., help="Run folder written by classify train or classify lora."),
     features: Optional[Path] = typer.Option(None, "--features", help="Feature cache [default: the run's]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: the run's]"),
     mixed_precision: str = typer.Option("auto", "--mixed-precision", help=_MP_HELP),
     cpu: bool = typer.Option(False, "--cpu", help="Score on the CPU even when a GPU is present."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
-    """Re-score a saved run: every fold/run's best checkpoint on its test items."""
+    """Re-score a saved run (DAT decoder or LoRA): every fold/run's best checkpoint on its test items."""
     from daamkit.classify.evaluation import evaluate_run
+    from daamkit.classify.lora import LORA_FILE, evaluate_lora
     from daamkit.infra.progress import set_quiet
 
     set_quiet(True)
-    result = evaluate_run(run_dir, features, batch_size=batch_size, mixed_precision=mixed_precision, cpu=cpu)
+    if (run_dir / LORA_FILE).is_file():
+        result = evaluate_lora(run_dir, cpu=cpu)
+    else:
+        result = evaluate_run(run_dir, features, batch_size=batch_size, mixed_precision=mixed_precision, cpu=cpu)
     if as_json:
         _echo_json(result)
         return
@@ -177,38 +189,41 @@ def report(
 # --- LoRA baselines, IF ablation, the one-command paper protocol ---
 
 
+_L = LoRARunConfig.default
+
+
 @app.command()
 def lora(
     task: str = typer.Option(..., "--task", help=_TASK_HELP),
     data: Path = typer.Option(..., "--data", help="Dataset folder in the task's original layout."),
     encoder: str = typer.Option(..., "--encoder", help="HF model folder or name in the local HF cache."),
     out: Path = typer.Option(..., "--out", help="Run folder to write (metrics, adapter checkpoints)."),
-    rank: int = typer.Option(8, "--rank", help="LoRA rank r (the paper: 4 or 8)."),
-    alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (scale alpha / r)."),
-    plus: bool = typer.Option(False, "--plus", help="LoRA+: lora_B learns --loraplus-ratio times faster."),
-    loraplus_ratio: float = typer.Option(16.0, "--loraplus-ratio", help="LoRA+ lr ratio of B over A."),
+    rank: int = typer.Option(_L("rank"), "--rank", help="LoRA rank r (the paper: 4 or 8)."),
+    alpha: float = typer.Option(_L("alpha"), "--alpha", help="LoRA alpha (scale alpha / r)."),
+    plus: bool = typer.Option(_L("plus"), "--plus", help="LoRA+: lora_B learns --loraplus-ratio times faster."),
+    loraplus_ratio: float = typer.Option(_L("loraplus_ratio"), "--loraplus-ratio", help="LoRA+ lr ratio of B over A."),
     target_modules: Optional[str] = typer.Option(
         None, "--target-modules", help="Comma-separated module names [default: attention query/key; WavLM: "
         "intermediate_dense,output_dense]."),
-    epochs: int = typer.Option(3, "--epochs", help="Epochs per fold/run."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: 1e-4, 5e-5 for Llama]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
-    seed: int = typer.Option(0, "--seed", help="Seed of the first run; run r uses seed + r (as classify train)."),
-    runs: int = typer.Option(1, "--runs", help="Repeated runs with different seeds (train/test tasks)."),
-    dev_fraction: float = typer.Option(0.1, "--dev-fraction", help="Share of the training pool held out as dev."),
-    loss: str = typer.Option("auto", "--loss", help="auto (focal for speech, else ce) | focal | ce"),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay."),
-    max_items: Optional[int] = typer.Option(None, "--max-items", help="Evenly spaced subset per split (as extract)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Encoder weights: float32 | bfloat16 | float16."),
-    mixed_precision: str = typer.Option("auto", "--mixed-precision", help=_MP_HELP),
+    epochs: int = typer.Option(_L("epochs"), "--epochs", help="Epochs per fold/run."),
+    lr: Optional[float] = typer.Option(_L("lr"), "--lr", help="Learning rate [default: 1e-4, 5e-5 for Llama]."),
+    batch_size: Optional[int] = typer.Option(_L("batch_size"), "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
+    seed: int = typer.Option(_L("seed"), "--seed", help="Seed of the first run; run r uses seed + r (as classify train)."),
+    runs: int = typer.Option(_L("runs"), "--runs", help="Repeated runs with different seeds (train/test tasks)."),
+    dev_fraction: float = typer.Option(_L("dev_fraction"), "--dev-fraction", help="Share of the training pool held out as dev."),
+    loss: str = typer.Option(_L("loss"), "--loss", help="auto (focal for speech, else ce) | focal | ce"),
+    weight_decay: float = typer.Option(_L("weight_decay"), "--weight-decay", help="AdamW weight decay."),
+    max_items: Optional[int] = typer.Option(_L("max_items"), "--max-items", help="Evenly spaced subset per split (as extract)."),
+    dtype: str = typer.Option(_L("dtype"), "--dtype", help="Encoder weights: float32 | bfloat16 | float16."),
+    mixed_precision: str = typer.Option(_L("mixed_precision"), "--mixed-precision", help=_MP_HELP),
     cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is present."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in --out."),
-    method: Optional[str] = typer.Option(None, "--method", help="Row name in reports [default: LoRA (r=8)]."),
+    method: Optional[str] = typer.Option(_L("method"), "--method", help="Row name in reports [default: LoRA (r=8)]."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's custom code."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """LoRA / LoRA+ baseline: fine-tune the encoder's adapters + a linear head, same folds and dev selection."""
+    """LoRA / LoRA+ baseline: fine-tune the encoder's adapters + a linear head, same folds, dev selection and loop."""
     from daamkit.classify.lora import train_lora
     from daamkit.infra.progress import set_quiet
 
