@@ -14,7 +14,7 @@ from daamkit.infra.errors import DaamkitError
 from daamkit.infra.progress import log
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig
 
-app = new_app("DAAM-enhanced VQ-VAE image tokenizer: train, evaluate, reconstruct, encode, decode.")
+app = new_app("DAAM-enhanced VQ-VAE image tokenizer: train, evaluate, reconstruct, encode, decode, demo.")
 
 _M, _T = VQVAEConfig(), TrainConfig()
 MODEL_KEYS = {f.name for f in fields(VQVAEConfig)}
@@ -183,3 +183,25 @@ def decode(
 
     written = decode_file(checkpoint, tokens, out, overwrite)
     log(f"wrote {len(written)} image(s) to {out}")
+
+
+@app.command()
+def demo(
+    checkpoint: CheckpointArg,
+    compare: Optional[Path] = typer.Option(None, "--compare", help="A second checkpoint shown side by side."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1 = this machine only)."),
+    port: int = typer.Option(7860, help="Port to listen on."),
+) -> None:
+    """Serve a local Gradio page: upload an image, see its reconstruction, metrics, token grid and DAAM gate maps.
+
+    Nothing is shared or fetched from the internet; reach a remote machine's page through an SSH tunnel.
+    """
+    try:
+        from daamkit.cli.demo_app import serve
+    except ImportError as err:
+        raise DaamkitError(f"the demo needs Gradio ({err.name} is missing): pip install 'daamkit[demo]'") from err
+    if not 0 < port < 65536:
+        raise DaamkitError(f"--port must be between 1 and 65535, got {port}")
+    page, url = serve([checkpoint] + ([compare] if compare else []), host, port)
+    log(f"demo running at {url} (Ctrl+C to stop)")
+    page.block_thread()

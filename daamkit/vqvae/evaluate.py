@@ -19,6 +19,7 @@ from daamkit.vqvae.io import default_device, load_model, open_inputs, resolve_im
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, lpips_available, missing_lpips_message
 from daamkit.vqvae.metrics import CodeHistogram, psnr_per_image, ssim_per_image
 from daamkit.vqvae.model import VQVAE
+from daamkit.vqvae.reconstruction import reconstruct_image
 
 
 @dataclass
@@ -126,7 +127,8 @@ def reconstruct_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], 
     images = open_inputs(checkpoint_dir, inputs, image_size, full, "reconstructing")
     written = []
     for path, image in images:
-        pair = side_by_side(to_uint8(image)[0], to_uint8(images.model(image).reconstruction)[0])
+        result = reconstruct_image(images.model, image, measure=False)
+        pair = side_by_side(result.original, result.reconstruction)
         written.append(save_png(out_dir / f"{len(written):04d}_{path.stem}.png", pair))
     images.finish(len(written), out_dir / "skipped.txt")
     return written

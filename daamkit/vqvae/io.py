@@ -70,6 +70,12 @@ def load_input(path: Path, image_size: int, full: bool, factor: int) -> torch.Te
         image = read_rgb(path)
     except LOAD_ERRORS as err:
         raise SkippedInput(unreadable_reason(err)) from err
+    return prepare_image(image, image_size, full, factor)
+
+
+def prepare_image(image: np.ndarray, image_size: int, full: bool, factor: int) -> torch.Tensor:
+    """A uint8 HWC RGB image as the model's [3, H, W] input in [-1, 1]: a center crop of `image_size`, or with
+    `full` the whole image trimmed to a multiple of `factor`. Raises SkippedInput when it is too small."""
     h, w = image.shape[:2]
     if full:
         if min(h, w) < factor:

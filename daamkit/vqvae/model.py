@@ -7,7 +7,7 @@ only the Mixture-DAAM term, giving the identical network for the ablation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -104,6 +104,8 @@ class Decoder(nn.Module):
 class VQVAEOutput:
     reconstruction: torch.Tensor     # [B, C, H, W], images live in [-1, 1]
     quant: QuantizerOutput
+    # with `return_gates=True`: Mixture-DAAM module name -> its density gate [B, C, h, w] (empty without DAAM)
+    gates: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class VQVAE(nn.Module):
@@ -120,9 +122,30 @@ class VQVAE(nn.Module):
         )
         self.decoder = Decoder(config)
 
-    def forward(self, images: torch.Tensor) -> VQVAEOutput:
-        quant = self.quantizer(self.encoder(images))
-        return VQVAEOutput(self.decoder(quant.quantized), quant)
+    def forward(self, images: torch.Tensor, return_gates: bool = False) -> VQVAEOutput:
+        """Reconstruct `images`; `return_gates=True` also collects the density gate of every Mixture-DAAM
+        module (`output.gates`, keyed by module name, in encoder-then-decoder order) for inspection."""
+        if not return_gates:
+            quant = self.quantizer(self.encoder(images))
+            return VQVAEOutput(self.decoder(quant.quantized), quant)
+        gates: dict[str, torch.Tensor] = {}
+        handles = [module.register_forward_hook(self._gate_recorder(name, gates))
+                   for name, module in self.named_modules() if isinstance(module, MixtureDensityAdaptiveAttention)]
+        try:
+            quant = self.quantizer(self.encoder(images))
+            reconstruction = self.decoder(quant.quantized)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return VQVAEOutput(reconstruction, quant, gates)
+
+    @staticmethod
+    def _gate_recorder(name: str, gates: dict[str, torch.Tensor]):
+        """A forward hook storing the module's gate for its input (recomputed, detached; the output is kept)."""
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            with torch.no_grad():
+                gates[name] = module.forward(args[0], return_gate=True)[1].detach()
+        return hook
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

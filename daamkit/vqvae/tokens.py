@@ -38,19 +38,21 @@ def encode_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_f
         grids.append(images.model.encode(image)[0].cpu().numpy().astype(np.int32))
         files.append(path)
     images.finish(len(grids))
-    arrays: dict[str, np.ndarray] = {
-        "files": np.array([str(f) for f in files]),
-        "num_embeddings": np.array(images.model.config.num_embeddings),
-    }
-    if len({g.shape for g in grids}) == 1:
-        arrays["tokens"] = np.stack(grids)
-    else:
-        arrays.update({f"tokens_{i}": g for i, g in enumerate(grids)})
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(out_file, buffer.getvalue())
+    atomic_write_bytes(out_file, token_file_bytes(grids, [str(f) for f in files], images.model.config.num_embeddings))
     shapes = list(dict.fromkeys(tuple(int(n) for n in g.shape) for g in grids))
     return {"images": len(grids), "skipped": len(images.skipped), "shapes": shapes}
+
+
+def token_file_bytes(grids: Sequence[np.ndarray], names: Sequence[str], num_embeddings: int) -> bytes:
+    """The `.npz` bytes of token grids [h, w] named after their sources, as `encode` writes and `decode` reads."""
+    arrays: dict[str, np.ndarray] = {"files": np.array(list(names)), "num_embeddings": np.array(num_embeddings)}
+    if len({g.shape for g in grids}) == 1:
+        arrays["tokens"] = np.stack([g.astype(np.int32) for g in grids])
+    else:
+        arrays.update({f"tokens_{i}": g.astype(np.int32) for i, g in enumerate(grids)})
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def read_tokens(token_file: str | Path) -> tuple[list[np.ndarray], list[str], int | None]:

@@ -1,0 +1,103 @@
+"""The Gradio page of `daamkit vqvae demo`: wiring only; every number and picture comes from
+`daamkit.vqvae.demo.DemoModel.run`.
+
+Local and offline by design: no share link, no telemetry (GRADIO_ANALYTICS_ENABLED=False is set before
+Gradio is imported), server-side rendering off, and Gradio's default theme, whose fonts ship inside the
+package, so the page needs nothing from the internet.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr  # noqa: E402 - after the telemetry switch above
+
+from daamkit.infra.checkpoint import atomic_write_bytes  # noqa: E402
+from daamkit.infra.errors import DaamkitError  # noqa: E402
+from daamkit.vqvae.demo import GATE_LEGEND, NO_DAAM, DemoModel, DemoResult, write_sample_photos  # noqa: E402
+from daamkit.vqvae.evaluate import side_by_side  # noqa: E402
+from daamkit.vqvae.io import save_png  # noqa: E402
+
+CROP, FULL = "crop", "full"
+MAX_UPLOAD = "200mb"
+
+
+def _outputs(result: DemoResult, stem: str, folder: Path) -> list:
+    """The values of one checkpoint's output components, downloads written into `folder`."""
+    tokens_path = folder / f"{stem}_tokens.npz"
+    atomic_write_bytes(tokens_path, result.token_file)
+    recon_path = save_png(folder / f"{stem}_reconstruction.png", result.reconstruction.reconstruction)
+    pair = side_by_side(result.reconstruction.original, result.reconstruction.reconstruction)
+    return [pair, result.metrics_line, result.token_image, result.gate_maps, [str(tokens_path), str(recon_path)]]
+
+
+def build_app(models: Sequence[DemoModel]) -> gr.Blocks:
+    """The demo page for one checkpoint, or two side by side (`--compare`)."""
+    examples = write_sample_photos(Path(tempfile.mkdtemp(prefix="daamkit-demo-samples-")))
+    sizes = sorted({m.image_size for m in models})
+    crop_label = f"crop: the center {'/'.join(map(str, sizes))} px (training size)"
+
+    def predict(upload: str | None, region: str, progress=gr.Progress()):
+        if not upload:
+            raise gr.Error("Upload an image or pick one of the examples first.")
+        folder = Path(tempfile.mkdtemp(prefix="daamkit-demo-"))
+        stem = Path(upload).stem
+        values = []
+        for index, model in enumerate(models):
+            progress(index / len(models), desc=f"reconstructing with {model.path}")
+            try:
+                result = model.run(upload, full=region == FULL)
+            except DaamkitError as err:
+                raise gr.Error(str(err)) from err
+            except MemoryError as err:
+                raise gr.Error("out of memory on this image: try the crop or a smaller image") from err
+            suffix = f"_{index + 1}" if len(models) > 1 else ""
+            values += _outputs(result, stem + suffix, folder)
+        progress(1.0, desc="done")
+        return values
+
+    with gr.Blocks(title="daamkit VQ-VAE demo", analytics_enabled=False) as app:
+        gr.Markdown("## daamkit · DAAM VQ-VAE reconstruction demo\n"
+                    "Upload an image (or pick an example), choose the region, and press **Reconstruct**.")
+        with gr.Row():
+            upload = gr.File(label="Image", type="filepath")
+            with gr.Column():
+                region = gr.Radio([(crop_label, CROP), ("full image (trimmed to the down-sampling factor)", FULL)],
+                                  value=CROP, label="Region")
+                button = gr.Button("Reconstruct", variant="primary")
+        gr.Examples([[str(p)] for p in examples], inputs=[upload], label="Built-in sample photos")
+        outputs: list[gr.components.Component] = []
+        with gr.Row():
+            for model in models:
+                with gr.Column():
+                    gr.Markdown(f"**{model.label}**")
+                    outputs += [
+                        gr.Image(label="original | reconstruction", type="numpy", format="png", interactive=False),
+                        gr.Markdown(),
+                        gr.Image(label="token ids (one colour per code)", type="numpy", format="png",
+                                 interactive=False),
+                    ]
+                    gr.Markdown(GATE_LEGEND if model.has_daam else NO_DAAM)
+                    outputs += [
+                        gr.Gallery(label="DAAM gate entropy per block", columns=2, height="auto",
+                                   visible=model.has_daam, format="png"),
+                        gr.File(label="downloads: tokens (.npz for `daamkit vqvae decode`) and reconstruction (PNG)",
+                                file_count="multiple", interactive=False),
+                    ]
+        button.click(predict, inputs=[upload, region], outputs=outputs, api_name="reconstruct")
+    return app
+
+
+def serve(checkpoints: Sequence[str | Path], host: str, port: int) -> tuple[gr.Blocks, str]:
+    """Load the checkpoints and start the page on `host:port` in a background thread; returns it and its URL
+    (`app.block_thread()` then serves until interrupted, `app.close()` stops it)."""
+    models = [DemoModel(path) for path in checkpoints]
+    app = build_app(models)
+    app.queue().launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
+                       ssr_mode=False, max_file_size=MAX_UPLOAD, footer_links=["settings"])
+    return app, f"http://{host}:{port}/"

@@ -1,0 +1,143 @@
+"""What the browser demo shows for one image and checkpoint, as arrays, numbers and text (no web code).
+
+`DemoModel` holds a loaded checkpoint; `DemoModel.run` checks an uploaded file, reconstructs it with
+`reconstruct_image` (the code path of `reconstruct`) and adds the pictures the page displays: the
+colour-mapped token grid, one gate-entropy heatmap per DAAM block, and the `.npz` token bytes that
+`vqvae decode` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from daamkit.infra.errors import DaamkitError
+from daamkit.vqvae.data import LOAD_ERRORS, read_rgb, sample_photos, unreadable_reason
+from daamkit.vqvae.io import SkippedInput, default_device, load_model, prepare_image, resolve_image_size
+from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, lpips_available
+from daamkit.vqvae.reconstruction import ImageReconstruction, reconstruct_image
+from daamkit.vqvae.tokens import token_file_bytes
+
+MAX_PIXELS = 4096 * 4096   # larger uploads are refused: a CPU would take minutes and GBs on them
+GATE_LEGEND = ("Colour = entropy of the DAAM density gate over each head's channels, divided by its maximum and "
+               "averaged over heads: dark = the gate focuses on few channels, bright = spread evenly (no focus); "
+               "each map is stretched to its own range, given in its caption.")
+NO_DAAM = "This checkpoint has no DAAM in the model (attention = none): no gate maps to show."
+
+
+@dataclass
+class DemoResult:
+    """One image through one checkpoint, ready to display."""
+
+    reconstruction: ImageReconstruction
+    metrics_line: str
+    token_image: np.ndarray                                # uint8 [H, W, 3], one colour per code id
+    gate_maps: list[tuple[np.ndarray, str]] = field(default_factory=list)  # (uint8 heatmap, caption) per block
+    token_file: bytes = b""                               # `.npz` as `vqvae encode` writes it
+
+
+def read_upload(path: str | Path, image_size: int, full: bool, factor: int) -> torch.Tensor:
+    """An uploaded file as a model input [1, 3, H, W]; DaamkitError saying why when it is not a usable image
+    (not an image, truncated, smaller than the crop or the down-sampling factor, over MAX_PIXELS)."""
+    name = Path(path).name
+    try:
+        with Image.open(path) as probe:
+            width, height = probe.size
+    except LOAD_ERRORS as err:
+        raise DaamkitError(f"{name} is not a readable image ({unreadable_reason(err)})") from err
+    if width * height > MAX_PIXELS:
+        raise DaamkitError(f"{name} is {width}x{height}, over the demo's limit of {MAX_PIXELS // 10**6} megapixels; "
+                           "scale it down first")
+    try:
+        return prepare_image(read_rgb(path), image_size, full, factor).unsqueeze(0)
+    except LOAD_ERRORS as err:
+        raise DaamkitError(f"{name} is not a readable image ({unreadable_reason(err)})") from err
+    except SkippedInput as reason:
+        raise DaamkitError(f"{name}: {reason}") from reason
+
+
+def colour_tokens(tokens: np.ndarray, num_embeddings: int, height: int, width: int) -> np.ndarray:
+    """A token-id grid as an RGB picture of `height` x `width`: code id -> a hue spread by the golden ratio
+    (neighbouring ids get distant colours), each token a flat block."""
+    from matplotlib import colormaps
+
+    hues = (np.arange(num_embeddings) * 0.6180339887) % 1.0
+    palette = (colormaps["hsv"](hues)[:, :3] * 255).astype(np.uint8)
+    return _upscale(palette[tokens], height, width)
+
+
+def heatmap(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A [h, w] map stretched to its own min..max, viridis-coloured, as a uint8 picture of `height` x `width`."""
+    from matplotlib import colormaps
+
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return _upscale((colormaps["viridis"](scaled)[..., :3] * 255).astype(np.uint8), height, width)
+
+
+def _upscale(picture: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(picture).resize((width, height), Image.NEAREST))
+
+
+def block_caption(name: str, entropy: np.ndarray) -> str:
+    """`encoder.blocks.0.residual.attention` -> `encoder block 1 (32x32): entropy 0.91-0.99, mean 0.95`."""
+    parts = name.split(".")
+    where = f"{parts[0]} block {int(parts[2]) + 1}" if len(parts) > 2 and parts[2].isdigit() else name
+    return (f"{where} ({entropy.shape[0]}x{entropy.shape[1]}): entropy {entropy.min():.3f}-{entropy.max():.3f}, "
+            f"mean {entropy.mean():.3f}")
+
+
+def format_metrics(metrics: dict) -> str:
+    lpips = "n/a (no LPIPS weights)" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}"
+    return (f"PSNR {metrics['psnr']:.2f} dB · SSIM {metrics['ssim']:.4f} · LPIPS {lpips} · "
+            f"{metrics['tokens']} tokens · {metrics['distinct_codes']} distinct codes")
+
+
+class DemoModel:
+    """A checkpoint loaded for the demo: the model, its crop size and LPIPS when its trunk weights exist."""
+
+    def __init__(self, checkpoint_dir: str | Path, device: torch.device | str | None = None, lpips_net: str = "alex"):
+        self.path = Path(checkpoint_dir)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model, train_config = load_model(self.path, self.device)
+        self.image_size = resolve_image_size(self.model.config, train_config, None)
+        self.has_daam = any(True for _ in self.model.daam_parameters())
+        self.lpips_model = load_lpips(lpips_net).to(self.device) if lpips_available(lpips_net) else None
+
+    @property
+    def label(self) -> str:
+        attention = self.model.config.attention
+        return f"{self.path} (attention {attention}, {self.model.config.num_embeddings} codes)"
+
+    def run(self, path: str | Path, full: bool) -> DemoResult:
+        """Reconstruct the image file at `path` (a center crop at the training size, or the whole image)."""
+        image = read_upload(path, self.image_size, full, self.model.config.downsample_factor).to(self.device)
+        small = min(image.shape[-2:]) < LPIPS_MIN_SIZE
+        result = reconstruct_image(self.model, image, None if small else self.lpips_model, gates=True)
+        height, width = result.original.shape[:2]
+        gate_maps = [(heatmap(entropy, height, width), block_caption(name, entropy))
+                     for name, entropy in result.gate_entropy.items()]
+        return DemoResult(
+            reconstruction=result,
+            metrics_line=format_metrics(result.metrics),
+            token_image=colour_tokens(result.tokens, self.model.config.num_embeddings, height, width),
+            gate_maps=gate_maps,
+            token_file=token_file_bytes([result.tokens], [Path(path).name], self.model.config.num_embeddings),
+        )
+
+
+def write_sample_photos(folder: str | Path, size: int = 512) -> list[Path]:
+    """The built-in scikit-image photos as PNGs in `folder` (shorter side `size`), for the demo's examples."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, image in sample_photos(size // 4):
+        path = folder / f"{name}.png"
+        if not path.is_file():
+            Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
