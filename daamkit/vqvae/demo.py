@@ -17,7 +17,7 @@ from PIL import Image
 
 from daamkit.infra.errors import DaamkitError
 from daamkit.vqvae.data import LOAD_ERRORS, read_rgb, sample_photos, unreadable_reason
-from daamkit.vqvae.io import SkippedInput, default_device, load_model, prepare_image, resolve_image_size
+from daamkit.vqvae.io import SkippedInput, default_device, load_model, prepare_image, resolve_image_size, save_png
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, lpips_available
 from daamkit.vqvae.reconstruction import ImageReconstruction, reconstruct_image
 from daamkit.vqvae.tokens import token_file_bytes
@@ -105,7 +105,7 @@ class DemoModel:
         self.device = torch.device(device) if device is not None else default_device()
         self.model, train_config = load_model(self.path, self.device)
         self.image_size = resolve_image_size(self.model.config, train_config, None)
-        self.has_daam = any(True for _ in self.model.daam_parameters())
+        self.has_daam = self.model.config.attention != "none"
         self.lpips_model = load_lpips(lpips_net).to(self.device) if lpips_available(lpips_net) else None
 
     @property
@@ -137,7 +137,5 @@ def write_sample_photos(folder: str | Path, size: int = 512) -> list[Path]:
     paths = []
     for name, image in sample_photos(size // 4):
         path = folder / f"{name}.png"
-        if not path.is_file():
-            Image.fromarray(image).save(path)
-        paths.append(path)
+        paths.append(path if path.is_file() else save_png(path, image))
     return paths
