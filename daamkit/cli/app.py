@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 from daamkit.infra.config_file import explicit_options, read_toml
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import set_quiet
 
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
@@ -46,9 +47,13 @@ def _os_error_line(err: OSError) -> str:
 
 
 class _UserErrorGroup(TyperGroup):
-    """Turns DaamkitError (and file-system errors) raised by any command into one line on stderr + exit 2."""
+    """Turns DaamkitError (and file-system errors) raised by any command into one line on stderr + exit 2.
+
+    Also resets progress output, so a quiet command does not silence the next one run in the same process.
+    """
 
     def invoke(self, ctx: click.Context):
+        set_quiet(False)  # every command starts with progress shown; one that runs quietly says so itself
         try:
             return super().invoke(ctx)
         except DaamkitError as err:

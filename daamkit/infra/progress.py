@@ -39,7 +39,7 @@ def set_quiet(quiet: bool) -> None:
 def log(message: str) -> None:
     """Print one status line to stderr unless quiet."""
     if not _quiet:
-        console.print(message, highlight=False)
+        console.print(message, highlight=False, soft_wrap=True)  # no hard line breaks inside long paths
 
 
 def _format_metrics(metrics: dict[str, float | str]) -> str:

@@ -152,7 +152,7 @@ def checkpoint_config(model: VQVAEConfig, train: TrainConfig | None) -> dict[str
 
 def parse_checkpoint_config(raw: dict[str, Any], source: str) -> tuple[VQVAEConfig, TrainConfig | None]:
     """Inverse of `checkpoint_config`; DaamkitError when `source` is not a VQ-VAE checkpoint."""
-    if raw.get("kind") != "daamkit-vqvae" or "model" not in raw:
+    if not isinstance(raw, dict) or raw.get("kind") != "daamkit-vqvae" or "model" not in raw:
         raise DaamkitError(f"{source} is not a daamkit VQ-VAE checkpoint (config.json has no VQ-VAE model section)")
     model = VQVAEConfig.from_dict(raw["model"])
     train = TrainConfig.from_dict(raw["train"]) if raw.get("train") else None

@@ -102,6 +102,8 @@ def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> 
 def list_images(folder: str | Path) -> list[Path]:
     """Image files under `folder`, recursively, sorted; DaamkitError when the folder is missing."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DaamkitError(f"`data` {folder} is a file, not a folder of images")
     if not folder.is_dir():
         raise DaamkitError(f"`data` folder {folder} does not exist (use `data` \"samples\" for the built-in photos)")
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())

@@ -27,6 +27,8 @@ def default_device() -> torch.device:
 def load_model(checkpoint_dir: str | Path, device: torch.device | str = "cpu") -> tuple[VQVAE, TrainConfig | None]:
     """The VQ-VAE stored in `checkpoint_dir` (eval mode, on `device`) and its training config if saved."""
     checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise DaamkitError(f"{checkpoint_dir} is a file, not a checkpoint folder (e.g. runs/vqvae/checkpoints/best)")
     if not checkpoint_dir.is_dir():
         raise DaamkitError(f"checkpoint folder {checkpoint_dir} does not exist")
     model_config, train_config = parse_checkpoint_config(load_config(checkpoint_dir), str(checkpoint_dir))

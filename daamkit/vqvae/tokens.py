@@ -58,6 +58,8 @@ def token_file_bytes(grids: Sequence[np.ndarray], names: Sequence[str], num_embe
 def read_tokens(token_file: str | Path) -> tuple[list[np.ndarray], list[str], int | None]:
     """Token grids, their source names and the codebook size recorded in an `encode` .npz file."""
     token_file = Path(token_file)
+    if token_file.is_dir():
+        raise DaamkitError(f"{token_file} is a folder, not a token file (.npz written by encode)")
     if not token_file.is_file():
         raise DaamkitError(f"token file {token_file} does not exist")
     try:
