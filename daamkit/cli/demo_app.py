@@ -84,7 +84,8 @@ def build_app(models: Sequence[DemoModel]) -> gr.Blocks:
                     ]
                     gr.Markdown(GATE_LEGEND if model.has_daam else NO_DAAM)
                     outputs += [
-                        gr.Gallery(label="DAAM gate entropy per block", columns=2, height="auto",
+                        gr.Gallery(label="DAAM gate entropy per block (caption: block, grid, range)",
+                                   columns=4 if len(models) == 1 else 2, height="auto", object_fit="contain",
                                    visible=model.has_daam, format="png"),
                         gr.File(label="downloads: tokens (.npz for `daamkit vqvae decode`) and reconstruction (PNG)",
                                 file_count="multiple", interactive=False),

@@ -48,16 +48,22 @@ def read_upload(path: str | Path, image_size: int, full: bool, factor: int) -> t
         with Image.open(path) as probe:
             width, height = probe.size
     except LOAD_ERRORS as err:
-        raise DaamkitError(f"{name} is not a readable image ({unreadable_reason(err)})") from err
+        raise DaamkitError(f"{name} is not a readable image: {_reason(err, path)}") from err
     if width * height > MAX_PIXELS:
         raise DaamkitError(f"{name} is {width}x{height}, over the demo's limit of {MAX_PIXELS // 10**6} megapixels; "
                            "scale it down first")
     try:
         return prepare_image(read_rgb(path), image_size, full, factor).unsqueeze(0)
     except LOAD_ERRORS as err:
-        raise DaamkitError(f"{name} is not a readable image ({unreadable_reason(err)})") from err
+        raise DaamkitError(f"{name} is not a readable image: {_reason(err, path)}") from err
     except SkippedInput as reason:
         raise DaamkitError(f"{name}: {reason}") from reason
+
+
+def _reason(err: BaseException, path: str | Path) -> str:
+    """Why a file could not be decoded, without the server-side upload path (the user knows the file)."""
+    reason = unreadable_reason(err).removeprefix("unreadable (").removesuffix(")")
+    return reason.replace(f" '{path}'", "").replace(str(path), Path(path).name)
 
 
 def colour_tokens(tokens: np.ndarray, num_embeddings: int, height: int, width: int) -> np.ndarray:
