@@ -16,7 +16,7 @@ from daamkit.infra.checkpoint import save_checkpoint
 from daamkit.infra.errors import DaamkitError
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, checkpoint_config
 from daamkit.vqvae.data import CropDataset, read_rgb
-from daamkit.vqvae.demo import MAX_PIXELS, DemoModel, read_upload
+from daamkit.vqvae.demo import MAX_FULL_PIXELS, DemoModel, read_upload
 from daamkit.vqvae.evaluate import evaluate_model
 from daamkit.vqvae.model import VQVAE
 from daamkit.vqvae.reconstruction import gate_entropy
@@ -66,7 +66,8 @@ def test_forward_returns_one_gate_per_daam_block_and_leaves_the_output_unchanged
     # each head's gate is a distribution over its channels
     gate = inspected.gates["encoder.blocks.0.residual.attention"]
     assert torch.allclose(gate.unflatten(1, (2, 4)).sum(2), torch.ones(2, 2, 8, 8), atol=1e-5)
-    assert not plain.gates and not model._forward_hooks
+    assert not plain.gates
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
     assert not VQVAE(VQVAEConfig(**TINY, attention="none"))(images, return_gates=True).gates
 
 
@@ -110,11 +111,12 @@ def test_full_images_are_trimmed_to_the_factor_and_bad_uploads_say_why(files, tm
         model.run(files["text"], full=False)
     with pytest.raises(DaamkitError, match="tiny.png: 8x8 is smaller than the 16 px crop"):
         model.run(files["tiny"], full=False)
-    side = int(MAX_PIXELS ** 0.5) + 1
+    side = int(MAX_FULL_PIXELS ** 0.5) + 1
     huge = tmp_path / "huge.png"
     Image.new("RGB", (side, side)).save(huge)
-    with pytest.raises(DaamkitError, match="over the demo's limit"):
+    with pytest.raises(DaamkitError, match="over the demo's limit of 4 megapixels for the full image"):
         model.run(huge, full=True)
+    assert model.run(huge, full=False).reconstruction.original.shape == (16, 16, 3)  # a crop of it is fine
 
 
 def free_port() -> int:

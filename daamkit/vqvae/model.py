@@ -100,6 +100,19 @@ class Decoder(nn.Module):
         return self.conv_out(self.blocks(self.conv_in(z)))
 
 
+def _ask_for_gate(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: call the Mixture-DAAM module with `return_gate=True`."""
+    return args, {**kwargs, "return_gate": True}
+
+
+def _gate_keeper(name: str, gates: dict[str, torch.Tensor]):
+    """Forward hook: store the gate under `name` (detached) and hand the block only the gated output."""
+    def hook(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        gates[name] = output[1].detach()
+        return output[0]
+    return hook
+
+
 @dataclass
 class VQVAEOutput:
     reconstruction: torch.Tensor     # [B, C, H, W], images live in [-1, 1]
@@ -129,8 +142,11 @@ class VQVAE(nn.Module):
             quant = self.quantizer(self.encoder(images))
             return VQVAEOutput(self.decoder(quant.quantized), quant)
         gates: dict[str, torch.Tensor] = {}
-        handles = [module.register_forward_hook(self._gate_recorder(name, gates))
-                   for name, module in self.named_modules() if isinstance(module, MixtureDensityAdaptiveAttention)]
+        handles = []
+        for name, module in self.named_modules():
+            if isinstance(module, MixtureDensityAdaptiveAttention):
+                handles.append(module.register_forward_pre_hook(_ask_for_gate, with_kwargs=True))
+                handles.append(module.register_forward_hook(_gate_keeper(name, gates)))
         try:
             quant = self.quantizer(self.encoder(images))
             reconstruction = self.decoder(quant.quantized)
@@ -138,14 +154,6 @@ class VQVAE(nn.Module):
             for handle in handles:
                 handle.remove()
         return VQVAEOutput(reconstruction, quant, gates)
-
-    @staticmethod
-    def _gate_recorder(name: str, gates: dict[str, torch.Tensor]):
-        """A forward hook storing the module's gate for its input (recomputed, detached; the output is kept)."""
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            with torch.no_grad():
-                gates[name] = module.forward(args[0], return_gate=True)[1].detach()
-        return hook
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
