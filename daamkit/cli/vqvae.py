@@ -20,6 +20,8 @@ _M, _T = VQVAEConfig(), TrainConfig()
 MODEL_KEYS = {f.name for f in fields(VQVAEConfig)}
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint folder (e.g. runs/vqvae/checkpoints/best).")]
 InputsArg = Annotated[List[Path], typer.Argument(help="Image files or folders.")]
+RawWeightsOpt = Annotated[bool, typer.Option(
+    "--raw-weights", help="Use the raw trained weights even where the checkpoint has weight-EMA ones.")]
 ImageSizeOpt = Annotated[Optional[int], typer.Option(help="Center-crop size (default: the training crop size).")]
 FullOpt = Annotated[bool, typer.Option("--full", help="Whole images (trimmed to the down-sampling factor).")]
 TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
@@ -68,6 +70,17 @@ def train(
     perceptual_weight: float = typer.Option(
         _T.perceptual_weight, help="LPIPS weight; > 0 needs the AlexNet trunk in the torch hub cache (see `daamkit info`)."),
     lpips_net: str = typer.Option(_T.lpips_net, help="LPIPS trunk: alex or vgg."),
+    disc_weight: float = typer.Option(_T.disc_weight, help="PatchGAN adversarial loss weight (0 = no discriminator)."),
+    disc_start: int = typer.Option(_T.disc_start, help="Step at which the adversarial loss starts."),
+    disc_loss: str = typer.Option(_T.disc_loss, help="Adversarial loss: hinge or non-saturating."),
+    adaptive_disc_weight: bool = typer.Option(
+        _T.adaptive_disc_weight, "--adaptive-disc-weight/--no-adaptive-disc-weight",
+        help="Scale the adversarial term by taming's gradient-norm ratio at the decoder's last layer."),
+    lecam_weight: float = typer.Option(_T.lecam_weight, help="LeCam regularisation weight on the discriminator (0 = off)."),
+    disc_lr: Optional[float] = typer.Option(_T.disc_lr, help="Discriminator Adam learning rate (default: --lr)."),
+    disc_channels: int = typer.Option(_T.disc_channels, help="Discriminator channels in its first layer."),
+    disc_layers: int = typer.Option(_T.disc_layers, help="Discriminator stride-2 stages (image size >= 3 * 2^N)."),
+    weight_ema: float = typer.Option(_T.weight_ema, help="Weight EMA decay, e.g. 0.999 (0 = off); evaluation uses it."),
     mixed_precision: str = typer.Option(_T.mixed_precision, help="no, bf16 or fp16 (fp16 needs a GPU)."),
     compile: bool = typer.Option(_T.compile, "--compile", help="torch.compile the encoder and decoder."),
     seed: int = typer.Option(_T.seed, help="Random seed (weights, crops, code restarts)."),
@@ -115,12 +128,13 @@ def evaluate(
     data: str = typer.Option("samples", help="'samples' (held-out crops), a COCO 2017 root (val2017) or a folder."),
     image_size: ImageSizeOpt = None,
     batch_size: int = typer.Option(32, help="Images per batch."),
+    raw_weights: RawWeightsOpt = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """PSNR, SSIM, LPIPS (null without trunk weights), codebook usage % and perplexity of a checkpoint."""
     from daamkit.vqvae.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(checkpoint, data, image_size, batch_size)
+    metrics = evaluate_checkpoint(checkpoint, data, image_size, batch_size, raw_weights=raw_weights)
     typer.echo(json.dumps(metrics) if as_json else _format_metrics(metrics))
 
 
@@ -135,6 +149,7 @@ def reconstruct(
     image_size: ImageSizeOpt = None,
     full: FullOpt = False,
     overwrite: OverwriteOpt = False,
+    raw_weights: RawWeightsOpt = False,
 ) -> None:
     """Write side-by-side original | reconstruction PNGs.
 
@@ -143,7 +158,7 @@ def reconstruct(
     """
     from daamkit.vqvae.evaluate import reconstruct_files
 
-    written = reconstruct_files(checkpoint, inputs, out, image_size, full, overwrite)
+    written = reconstruct_files(checkpoint, inputs, out, image_size, full, overwrite, raw_weights)
     log(f"wrote {len(written)} picture(s) to {out}")
 
 
@@ -159,6 +174,7 @@ def encode(
     image_size: ImageSizeOpt = None,
     full: FullOpt = False,
     overwrite: OverwriteOpt = False,
+    raw_weights: RawWeightsOpt = False,
 ) -> None:
     """Turn images into token-id grids (.npz).
 
@@ -167,7 +183,7 @@ def encode(
     """
     from daamkit.vqvae.tokens import encode_files
 
-    summary = encode_files(checkpoint, inputs, out, image_size, full, overwrite)
+    summary = encode_files(checkpoint, inputs, out, image_size, full, overwrite, raw_weights)
     log(f"wrote {summary['images']} token grid(s) of {_sizes(summary['shapes'])} to {out}")
 
 
@@ -177,11 +193,12 @@ def decode(
     tokens: Path = typer.Argument(..., help=".npz written by `daamkit vqvae encode`."),
     out: Path = typer.Option(..., "--out", help="Folder for the decoded PNGs (new or empty)."),
     overwrite: OverwriteOpt = False,
+    raw_weights: RawWeightsOpt = False,
 ) -> None:
     """Turn token-id grids (.npz) back into images."""
     from daamkit.vqvae.tokens import decode_file
 
-    written = decode_file(checkpoint, tokens, out, overwrite)
+    written = decode_file(checkpoint, tokens, out, overwrite, raw_weights)
     log(f"wrote {len(written)} image(s) to {out}")
 
 

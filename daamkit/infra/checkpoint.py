@@ -54,14 +54,18 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor],
     config: dict[str, Any],
     training_state: dict[str, Any] | None = None,
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically: built in a sibling temp folder, then swapped into `directory`."""
+    """Write a checkpoint folder atomically: built in a sibling temp folder, then swapped into `directory`.
+
+    `extra_weights` maps further safetensors file names (e.g. a discriminator's) to their tensors.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp"))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-        save_file(tensors, str(staging / WEIGHTS_FILE))
+        for name, state in {WEIGHTS_FILE: model_state, **(extra_weights or {})}.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(staging / name))
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if training_state is not None:
             torch.save(training_state, staging / STATE_FILE)
@@ -94,11 +98,13 @@ def load_config(directory: str | os.PathLike) -> dict[str, Any]:
     return read_json(Path(directory) / CONFIG_FILE, f"{directory} is not a checkpoint folder: {CONFIG_FILE} is missing")
 
 
-def load_weights(directory: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The safetensors weights of a checkpoint folder."""
-    path = Path(directory) / WEIGHTS_FILE
+def load_weights(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                 name: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    """The safetensors weights `name` (default the model's) of a checkpoint folder."""
+    path = Path(directory) / name
     if not path.is_file():
-        raise DaamkitError(f"{directory} is not a checkpoint folder: {WEIGHTS_FILE} is missing")
+        what = "is not a checkpoint folder" if name == WEIGHTS_FILE else "lacks a file this run needs"
+        raise DaamkitError(f"{directory} {what}: {name} is missing")
     try:
         return load_file(str(path), device=str(device))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError)

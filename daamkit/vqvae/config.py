@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Optional
 
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.typed_values import check_field_types
@@ -16,6 +16,13 @@ from daamkit.infra.typed_values import check_field_types
 ATTENTION_CHOICES = ("daam", "none")
 RECON_LOSSES = ("l1", "mse")
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
+DISC_LOSSES = ("hinge", "non-saturating")
+
+
+def min_disc_image_size(layers: int) -> int:
+    """Smallest square input a PatchGAN of `layers` stride-2 stages scores: after them, two 4x4 stride-1
+    convs (padding 1) each shrink the map by one, and at least one patch logit must remain."""
+    return 3 * 2 ** layers
 
 
 def _from_dict(cls, values: dict[str, Any], what: str):
@@ -119,6 +126,15 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 250
     val_images: int = 64
+    disc_weight: float = 0.0
+    disc_start: int = 0
+    disc_loss: str = "hinge"
+    adaptive_disc_weight: bool = True
+    lecam_weight: float = 0.0
+    disc_lr: Optional[float] = None
+    disc_channels: int = 64
+    disc_layers: int = 3
+    weight_ema: float = 0.0
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -133,6 +149,31 @@ class TrainConfig:
         _require(self.perceptual_weight >= 0, f"`perceptual_weight` must be >= 0, got {self.perceptual_weight}")
         _require(self.mixed_precision in MIXED_PRECISION_CHOICES,
                  f"`mixed_precision` must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
+        self._check_adversarial()
+        _require(self.weight_ema == 0.0 or 0.0 < self.weight_ema < 1.0,
+                 f"`weight_ema` must be 0 (off) or in (0, 1), got {self.weight_ema}")
+
+    def _check_adversarial(self) -> None:
+        for name in ("disc_weight", "lecam_weight", "disc_start"):
+            _require(getattr(self, name) >= 0, f"`{name}` must be >= 0, got {getattr(self, name)}")
+        _require(self.disc_loss in DISC_LOSSES, f"`disc_loss` must be one of {DISC_LOSSES}, got {self.disc_loss!r}")
+        _require(self.disc_lr is None or self.disc_lr > 0, f"`disc_lr` must be positive, got {self.disc_lr}")
+        for name in ("disc_channels", "disc_layers"):
+            _require(getattr(self, name) >= 1, f"`{name}` must be a positive integer, got {getattr(self, name)}")
+        if self.disc_weight > 0:
+            smallest = min_disc_image_size(self.disc_layers)
+            _require(self.image_size >= smallest,
+                     f"`image_size` {self.image_size} is below the {smallest} px a discriminator of `disc_layers` "
+                     f"{self.disc_layers} needs; lower `disc_layers` or raise `image_size`")
+
+    @property
+    def gan(self) -> bool:
+        return self.disc_weight > 0
+
+    @property
+    def discriminator_lr(self) -> float:
+        """The discriminator's learning rate: `disc_lr`, else the generator's `lr`."""
+        return self.lr if self.disc_lr is None else self.disc_lr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -79,7 +79,8 @@ def evaluate_model(model: VQVAE, dataset: CropDataset, device: torch.device, bat
 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int | None = None,
-                        batch_size: int = 32, lpips_net: str = "alex") -> dict[str, float | int | None]:
+                        batch_size: int = 32, lpips_net: str = "alex",
+                        raw_weights: bool = False) -> dict[str, float | int | None]:
     """Metrics of a checkpoint on `data` (samples held-out crops, COCO val2017, or a folder's images).
 
     LPIPS is null (None) when its trunk weights are not in the local torch cache.
@@ -87,7 +88,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int |
     if batch_size < 1:
         raise DaamkitError(f"`batch_size` must be a positive integer, got {batch_size}")
     device = default_device()
-    model, train_config = load_model(checkpoint_dir, device)
+    model, train_config = load_model(checkpoint_dir, device, raw_weights)
     size = resolve_image_size(model.config, train_config, image_size)
     dataset = evaluation_set(data, size)
     lpips_model = None
@@ -117,14 +118,15 @@ def image_grid(rows: Sequence[torch.Tensor], gap: int = 2) -> np.ndarray:
 
 @torch.no_grad()
 def reconstruct_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
-                      image_size: int | None = None, full: bool = False, overwrite: bool = False) -> list[Path]:
+                      image_size: int | None = None, full: bool = False, overwrite: bool = False,
+                      raw_weights: bool = False) -> list[Path]:
     """Write `original | reconstruction` PNGs for image files/folders into `out_dir`; returns their paths.
 
     Unusable inputs are skipped and listed with their reasons in `out_dir/skipped.txt`; DaamkitError only
     when none could be processed. An `out_dir` that already holds files needs `overwrite`.
     """
     out_dir = output_folder(out_dir, overwrite=overwrite)
-    images = open_inputs(checkpoint_dir, inputs, image_size, full, "reconstructing")
+    images = open_inputs(checkpoint_dir, inputs, image_size, full, "reconstructing", raw_weights)
     written = []
     for path, image in images:
         result = reconstruct_image(images.model, image, measure=False)

@@ -18,14 +18,19 @@ from daamkit.vqvae.config import TrainConfig, VQVAEConfig, parse_checkpoint_conf
 from daamkit.vqvae.data import (IMAGE_EXTENSIONS, LOAD_ERRORS, center_crop, list_images, read_rgb, to_tensor,
                                 unreadable_reason, write_skipped_list)
 from daamkit.vqvae.model import VQVAE
+from daamkit.vqvae.weight_ema import EMA_WEIGHTS_FILE
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(checkpoint_dir: str | Path, device: torch.device | str = "cpu") -> tuple[VQVAE, TrainConfig | None]:
-    """The VQ-VAE stored in `checkpoint_dir` (eval mode, on `device`) and its training config if saved."""
+def load_model(checkpoint_dir: str | Path, device: torch.device | str = "cpu",
+               raw_weights: bool = False) -> tuple[VQVAE, TrainConfig | None]:
+    """The VQ-VAE stored in `checkpoint_dir` (eval mode, on `device`) and its training config if saved.
+
+    The weight-EMA weights are used when the checkpoint has them, unless `raw_weights`.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
         raise DaamkitError(f"{checkpoint_dir} is a file, not a checkpoint folder (e.g. runs/vqvae/checkpoints/best)")
@@ -33,7 +38,9 @@ def load_model(checkpoint_dir: str | Path, device: torch.device | str = "cpu") -
         raise DaamkitError(f"checkpoint folder {checkpoint_dir} does not exist")
     model_config, train_config = parse_checkpoint_config(load_config(checkpoint_dir), str(checkpoint_dir))
     model = VQVAE(model_config)
-    load_state_dict_strict(model, load_weights(checkpoint_dir), str(checkpoint_dir))
+    use_ema = not raw_weights and (checkpoint_dir / EMA_WEIGHTS_FILE).is_file()
+    weights = load_weights(checkpoint_dir, name=EMA_WEIGHTS_FILE) if use_ema else load_weights(checkpoint_dir)
+    load_state_dict_strict(model, weights, str(checkpoint_dir))
     return model.to(device).eval(), train_config
 
 
@@ -145,9 +152,9 @@ class InputImages:
 
 
 def open_inputs(checkpoint_dir: str | Path, inputs: Sequence[str | Path], image_size: int | None,
-                full: bool, description: str) -> InputImages:
+                full: bool, description: str, raw_weights: bool = False) -> InputImages:
     """The checkpoint's model (on the default device) and the input images to run it on. The input paths
     are checked before the model is loaded; each image is decoded when iterated."""
     files = collect_inputs(inputs)
-    model, train_config = load_model(checkpoint_dir, default_device())
+    model, train_config = load_model(checkpoint_dir, default_device(), raw_weights)
     return InputImages(model, resolve_image_size(model.config, train_config, image_size), full, files, description)

@@ -24,7 +24,8 @@ from daamkit.vqvae.io import default_device, load_model, open_inputs, save_png
 
 @torch.no_grad()
 def encode_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_file: str | Path,
-                 image_size: int | None = None, full: bool = False, overwrite: bool = False) -> dict:
+                 image_size: int | None = None, full: bool = False, overwrite: bool = False,
+                 raw_weights: bool = False) -> dict:
     """Tokenise images into `out_file` (.npz; an existing file needs `overwrite`). Unusable inputs are
     skipped and reported; DaamkitError only when none could be processed. Returns a summary: `images`,
     `skipped` and `shapes` (the distinct token-grid sizes, in order of appearance)."""
@@ -32,7 +33,7 @@ def encode_files(checkpoint_dir: str | Path, inputs: Sequence[str | Path], out_f
     if out_file.suffix != ".npz":
         raise DaamkitError(f"`out` {out_file} must end in .npz")
     output_file(out_file, overwrite=overwrite)
-    images = open_inputs(checkpoint_dir, inputs, image_size, full, "encoding")
+    images = open_inputs(checkpoint_dir, inputs, image_size, full, "encoding", raw_weights)
     grids, files = [], []
     for path, image in images:
         grids.append(images.model.encode(image)[0].cpu().numpy().astype(np.int32))
@@ -81,13 +82,13 @@ def read_tokens(token_file: str | Path) -> tuple[list[np.ndarray], list[str], in
 
 @torch.no_grad()
 def decode_file(checkpoint_dir: str | Path, token_file: str | Path, out_dir: str | Path,
-                overwrite: bool = False) -> list[Path]:
+                overwrite: bool = False, raw_weights: bool = False) -> list[Path]:
     """Decode every token grid of `token_file` to a PNG in `out_dir` (a folder already holding files needs
     `overwrite`); returns the written paths."""
     out_dir = output_folder(out_dir, overwrite=overwrite)
     grids, names, num_embeddings = read_tokens(token_file)
     device = default_device()
-    model, _ = load_model(checkpoint_dir, device)
+    model, _ = load_model(checkpoint_dir, device, raw_weights)
     codebook_size = model.config.num_embeddings
     if num_embeddings is not None and num_embeddings != codebook_size:
         raise DaamkitError(f"{token_file} was encoded with {num_embeddings} codes but {checkpoint_dir} has {codebook_size}")

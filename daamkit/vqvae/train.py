@@ -25,12 +25,15 @@ from daamkit.infra.progress import log, progress_bar, set_quiet
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, checkpoint_config, parse_checkpoint_config
 from daamkit.vqvae.data import (CropDataset, StepBatchSampler, collate_train, read_skipped_list, sample_photos, to_tensor,
                                 to_uint8, training_splits, write_skipped_list)
+from daamkit.vqvae.discriminator import (DISC_WEIGHTS_FILE, LeCam, PatchDiscriminator, adaptive_weight,
+                                         discriminator_loss, generator_loss)
 from daamkit.vqvae.evaluate import evaluate_model, image_grid, side_by_side
 from daamkit.vqvae.io import save_png
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, reconstruction_loss
 from daamkit.vqvae.metrics import psnr_per_image
 from daamkit.vqvae.model import VQVAE
 from daamkit.vqvae.quantizer import codebook_usage_and_perplexity
+from daamkit.vqvae.weight_ema import EMA_WEIGHTS_FILE, WeightEMA
 
 # Options that may change when a run is resumed; every other option must match the saved run.
 RESUME_ADJUSTABLE = {"steps", "log_every", "eval_every", "val_images", "num_workers", "compile"}
@@ -173,8 +176,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
         self.step, self.best_psnr, self.stop_agreed = 0, None, False
+        discriminator = disc_optimizer = None
+        if config.gan:
+            discriminator = PatchDiscriminator(model_config.in_channels, config.disc_channels, config.disc_layers).to(device)
+            disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.discriminator_lr, betas=(0.5, 0.9))
+        self.raw_discriminator = discriminator
+        self.lecam = LeCam() if config.gan and config.lecam_weight > 0 else None
+        self.weight_ema = WeightEMA(model, config.weight_ema) if config.weight_ema > 0 else None
         if resume:
-            self._restore(model, optimizer)
+            self._restore(model, optimizer, discriminator, disc_optimizer)
         if self.lpips is not None:
             self.lpips = self.lpips.to(device)
         if config.compile:
@@ -182,6 +192,9 @@ class Trainer:
             model.decoder.compile()
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.raw_model: VQVAE = model
+        self.discriminator = self.disc_optimizer = None
+        if discriminator is not None:  # its own DDP wrapper and optimizer
+            self.discriminator, self.disc_optimizer = self.accelerator.prepare(discriminator, disc_optimizer)
         self.writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -190,7 +203,8 @@ class Trainer:
             self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.step + 1 if resume else None)
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def _restore(self, model: VQVAE, optimizer: torch.optim.Optimizer) -> None:
+    def _restore(self, model: VQVAE, optimizer: torch.optim.Optimizer, discriminator: PatchDiscriminator | None,
+                 disc_optimizer: torch.optim.Optimizer | None) -> None:
         last = self.paths.last
         load_state_dict_strict(model, load_weights(last), str(last))
         state = load_training_state(last)
@@ -206,6 +220,13 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.lr_lambdas[0].total = self.config.steps  # --steps may be extended on resume
         self.step, self.best_psnr = int(state["step"]), state["best_psnr"]
+        if discriminator is not None:
+            load_state_dict_strict(discriminator, load_weights(last, name=DISC_WEIGHTS_FILE), str(last))
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
+        if self.lecam is not None:
+            self.lecam.load_state_dict(state["lecam"])
+        if self.weight_ema is not None:
+            load_state_dict_strict(self.weight_ema.module, load_weights(last, name=EMA_WEIGHTS_FILE), str(last))
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -223,7 +244,16 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else {},
         }
-        save_checkpoint(directory, self.raw_model.state_dict(), checkpoint_config(self.model_config, self.config), state)
+        extra = {}
+        if self.raw_discriminator is not None:
+            extra[DISC_WEIGHTS_FILE] = self.raw_discriminator.state_dict()
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
+        if self.lecam is not None:
+            state["lecam"] = self.lecam.state_dict()
+        if self.weight_ema is not None:
+            extra[EMA_WEIGHTS_FILE] = self.weight_ema.state_dict()
+        save_checkpoint(directory, self.raw_model.state_dict(), checkpoint_config(self.model_config, self.config), state,
+                        extra)
 
     def _save_last(self) -> None:
         if self.is_main:
@@ -233,16 +263,24 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- one step
     def _train_step(self, images: torch.Tensor, stop: _StopRequest) -> dict[str, float]:
-        """Forward, finite check (agreed across processes, with the stop flag), backward, clip, step."""
+        """Forward, finite check (agreed across processes, with the stop flag), backward, clip, step; then the
+        discriminator's step (once `disc_start` is reached) and the weight-EMA update."""
         self.model.train()
+        gan_active = self.discriminator is not None and self.step >= self.config.disc_start
+        extra: dict[str, torch.Tensor] = {}
         with self.accelerator.autocast():
             out = self.model(images)
             recon_loss = reconstruction_loss(self.config.recon_loss, out.reconstruction, images)
-            loss = recon_loss + out.quant.loss
+            nll = recon_loss
             perceptual = None
             if self.lpips is not None:
                 perceptual = self.lpips(out.reconstruction.float(), images).mean()
-                loss = loss + self.config.perceptual_weight * perceptual
+                nll = nll + self.config.perceptual_weight * perceptual
+            loss = nll + out.quant.loss
+            if gan_active:
+                adversarial, weight = self._adversarial_term(out.reconstruction, nll)
+                loss = loss + self.config.disc_weight * weight * adversarial
+                extra.update({"generator": adversarial.detach(), "adaptive_weight": weight})
         flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop.requested), device=loss.device)])
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, "sum")
@@ -256,6 +294,10 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if gan_active:
+            extra.update(self._discriminator_step(images, out.reconstruction.detach()))
+        if self.weight_ema is not None:
+            self.weight_ema.update(self.raw_model)
         usage, perplexity = codebook_usage_and_perplexity(out.quant.counts)
         stats = {
             "loss": loss.item(), "recon": recon_loss.item(), "commitment": out.quant.commitment.item(),
@@ -266,7 +308,38 @@ class Trainer:
             stats["perceptual"] = perceptual.item()
         if grad_norm is not None:
             stats["grad_norm"] = float(grad_norm)
-        return stats
+        return {**stats, **extra}
+
+    def _adversarial_term(self, reconstruction: torch.Tensor, nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's adversarial loss and its adaptive weight (1 without `adaptive_disc_weight`).
+
+        The discriminator is called unwrapped with its weights frozen, so this pass neither accumulates
+        discriminator gradients nor counts as a DDP forward of it.
+        """
+        self.raw_discriminator.requires_grad_(False)
+        try:
+            adversarial = generator_loss(self.config.disc_loss, self.raw_discriminator(reconstruction).float())
+        finally:
+            self.raw_discriminator.requires_grad_(True)
+        if not self.config.adaptive_disc_weight:
+            return adversarial, torch.ones((), device=nll.device)
+        return adversarial, adaptive_weight(nll, adversarial, self.raw_model.decoder.conv_out.weight)
+
+    def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One discriminator update on real images and detached reconstructions (one forward over both, so
+        DDP sees a single forward per backward)."""
+        with self.accelerator.autocast():
+            logits_real, logits_fake = self.discriminator(torch.cat([real, fake])).float().chunk(2)
+            disc_loss = discriminator_loss(self.config.disc_loss, logits_real, logits_fake)
+            stats = {"discriminator": disc_loss.detach()}
+            if self.lecam is not None:
+                lecam = self.lecam(logits_real, logits_fake)
+                disc_loss = disc_loss + self.config.lecam_weight * lecam
+                stats["lecam"] = lecam.detach()
+        self.accelerator.backward(disc_loss)
+        self.disc_optimizer.step()
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        return {**stats, "logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
 
     def _non_finite_message(self, value: float) -> str:
         where = (f"the last good checkpoint is {self.paths.last} (continue with `resume`)"
@@ -278,7 +351,10 @@ class Trainer:
     def _log_train(self, stats: dict[str, float]) -> None:
         names = {"loss": "train/loss", "recon": "train/recon", "commitment": "train/commitment",
                  "perceptual": "train/perceptual", "psnr": "train/psnr", "grad_norm": "train/grad_norm",
-                 "usage": "codebook/batch_usage", "perplexity": "codebook/batch_perplexity", "lr": "lr"}
+                 "usage": "codebook/batch_usage", "perplexity": "codebook/batch_perplexity", "lr": "lr",
+                 "generator": "gan/generator_loss", "adaptive_weight": "gan/adaptive_weight",
+                 "discriminator": "gan/discriminator_loss", "lecam": "gan/lecam",
+                 "logits_real": "gan/logits_real", "logits_fake": "gan/logits_fake"}
         for key, value in stats.items():
             self.writer.add_scalar(names[key], value, self.step)
         self.writer.add_scalar("data/skipped_images", len(self.skipped), self.step)
@@ -287,7 +363,7 @@ class Trainer:
         """Validation metrics, TensorBoard images/histograms, a samples PNG, and the `last`/`best` checkpoints."""
         result = None
         if self.is_main:
-            result = evaluate_model(self.raw_model, self.splits.val, self.accelerator.device,
+            result = evaluate_model(self._evaluated_model, self.splits.val, self.accelerator.device,
                                     batch_size=self.config.batch_size, lpips_model=self.lpips,
                                     max_images=self.config.val_images, show_progress=False)
             for key, value in result.metrics.items():
@@ -310,6 +386,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return result.metrics if result else None
 
+    @property
+    def _evaluated_model(self) -> VQVAE:
+        """What validation, `best` and the final pictures judge: the weight EMA when on (what `evaluate` uses)."""
+        return self.weight_ema.module if self.weight_ema is not None else self.raw_model
+
     def _final_pictures(self) -> None:
         """`samples/final.png` (held-out crops) and, on the sample photos, one whole photo reconstructed."""
         last = self.paths.samples / f"step_{self.step:06d}.png"
@@ -320,10 +401,13 @@ class Trainer:
         factor = self.model_config.downsample_factor
         name, photo = sample_photos(self.config.image_size)[0]
         photo = photo[: photo.shape[0] - photo.shape[0] % factor, : photo.shape[1] - photo.shape[1] % factor]
-        self.raw_model.eval()
+        model = self._evaluated_model
+        was_training = model.training
+        model.eval()
         with torch.no_grad():
             image = to_tensor(photo).unsqueeze(0).to(self.accelerator.device)
-            recon = self.raw_model(image).reconstruction
+            recon = model(image).reconstruction
+        model.train(was_training)
         save_png(self.paths.samples / f"{name}_full.png", side_by_side(to_uint8(image)[0], to_uint8(recon)[0]))
 
     # ---------------------------------------------------------------------------------- loop

@@ -1,0 +1,108 @@
+"""The tokenizer recipe: PatchGAN + adaptive weight + LeCam, weight EMA, and their exact resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+from daamkit.infra.checkpoint import load_training_state, load_weights
+from daamkit.infra.errors import DaamkitError
+from daamkit.vqvae import train as train_module
+from daamkit.vqvae.config import TrainConfig
+from daamkit.vqvae.discriminator import (LeCam, PatchDiscriminator, adaptive_weight, discriminator_loss,
+                                         generator_loss)
+from daamkit.vqvae.weight_ema import WeightEMA
+from test_vqvae_runs import TINY_ARGS, invoke, write_images
+
+GAN_ARGS = ["--disc-weight", "0.5", "--disc-start", "2", "--disc-layers", "2", "--disc-channels", "8",
+            "--lecam-weight", "0.1", "--weight-ema", "0.9", "--eval-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("recipe_images")
+    write_images(folder, 6)
+    return folder
+
+
+def _train(image_dir, out, *extra):
+    return invoke("vqvae", "train", "--data", image_dir, "--out", out, *TINY_ARGS, *extra)
+
+
+def test_patch_discriminator_scores_patches_and_refuses_too_small_images():
+    disc = PatchDiscriminator(3, 8, layers=2)
+    assert disc(torch.randn(2, 3, 16, 16)).shape == (2, 1, 2, 2)
+    assert PatchDiscriminator(3, 8, layers=3)(torch.randn(1, 3, 24, 24)).shape == (1, 1, 1, 1)
+    with pytest.raises(DaamkitError, match="`disc_layers` 3"):
+        TrainConfig(image_size=16, disc_weight=0.5)
+
+
+def test_adversarial_losses_match_their_formulas():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.2, 1.5])
+    hinge = 0.5 * (sum(max(0.0, 1 - r) for r in real.tolist()) / 3 + sum(max(0.0, 1 + f) for f in fake.tolist()) / 3)
+    assert discriminator_loss("hinge", real, fake).item() == pytest.approx(hinge)
+    ns = 0.5 * (torch.log1p(torch.exp(-real)).mean() + torch.log1p(torch.exp(fake)).mean())
+    assert discriminator_loss("non-saturating", real, fake).item() == pytest.approx(ns.item())
+    assert generator_loss("hinge", fake).item() == pytest.approx(-fake.mean().item())
+    assert generator_loss("non-saturating", fake).item() == pytest.approx(torch.log1p(torch.exp(-fake)).mean().item())
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio():
+    w = torch.randn(4, requires_grad=True)
+    nll, adv = (3 * w).sum(), (w * 0.5).sum()  # gradients 3 and 0.5 per element
+    expected = (3 * 2) / (0.5 * 2 + 1e-4)
+    assert adaptive_weight(nll, adv, w).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_lecam_uses_running_means_of_the_other_side():
+    lecam = LeCam(decay=0.5)
+    first = lecam(torch.tensor([1.0]), torch.tensor([0.0]))  # means start at real 1, fake 0
+    assert first.item() == pytest.approx(1.0 + 1.0)
+    lecam(torch.tensor([3.0]), torch.tensor([-1.0]))
+    assert lecam.ema_real.item() == pytest.approx(2.0) and lecam.ema_fake.item() == pytest.approx(-0.5)
+
+
+def test_weight_ema_averages_floats_and_copies_flags():
+    model = torch.nn.BatchNorm1d(2)
+    ema = WeightEMA(model, 0.75)
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+        model.num_batches_tracked.fill_(7)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, torch.full((2,), 0.75 * 1 + 0.25 * 5))
+    assert int(ema.module.num_batches_tracked) == 7 and not ema.module.weight.requires_grad
+
+
+def test_gan_and_weight_ema_run_resumes_bit_for_bit_and_evaluates_the_ema(image_dir, tmp_path, monkeypatch):
+    straight = _train(image_dir, tmp_path / "a", "--steps", "5", *GAN_ARGS)
+    assert straight.exit_code == 0, straight.output
+    original = train_module.Trainer._train_step
+
+    def interrupted_step(self, images, stop):
+        if self.step == 3:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C during step 4, with the GAN already active
+        return original(self, images, stop)
+
+    monkeypatch.setattr(train_module.Trainer, "_train_step", interrupted_step)
+    first = _train(image_dir, tmp_path / "b", "--steps", "5", *GAN_ARGS)
+    assert first.exit_code == 130, first.output
+    last_b = tmp_path / "b" / "checkpoints" / "last"
+    state = load_training_state(last_b)
+    assert state["step"] == 4 and state["disc_optimizer"]["state"] and state["lecam"]["ema_real"] is not None
+    monkeypatch.setattr(train_module.Trainer, "_train_step", original)
+    resumed = _train(image_dir, tmp_path / "b", "--steps", "5", *GAN_ARGS, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    for name in ("model.safetensors", "discriminator.safetensors", "ema.safetensors"):
+        a, b = (load_weights(tmp_path / run / "checkpoints" / "last", name=name) for run in ("a", "b"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    raw, ema = load_weights(last_b), load_weights(last_b, name="ema.safetensors")
+    assert not torch.equal(raw["decoder.conv_out.weight"], ema["decoder.conv_out.weight"])
+    # evaluate (like reconstruct, encode and decode) uses the EMA weights unless --raw-weights is given
+    metrics = [json.loads(invoke("vqvae", "evaluate", last_b, "--data", image_dir, "--json", *flag).stdout)
+               for flag in ([], ["--raw-weights"])]
+    assert metrics[0]["psnr"] != metrics[1]["psnr"]
