@@ -1,0 +1,45 @@
+"""Run configs: validated on construction, every default in one place, JSON round trip, CLI defaults from them."""
+
+import json
+
+import pytest
+
+from daamkit.classify.run_config import DecoderRunConfig, LoRARunConfig, RunConfig
+from daamkit.infra.errors import DaamkitError
+
+
+def test_round_trip_through_json():
+    for config in (DecoderRunConfig(decoder="mixture", lr="auto", layers="2-5", heads=2),
+                   LoRARunConfig(rank=4, plus=True, target_modules=("query", "key"), lr=3e-4)):
+        again = type(config).from_dict(json.loads(json.dumps(config.to_dict())))
+        assert again == config
+
+
+def test_defaults_live_in_the_dataclass_and_the_cli_uses_them():
+    from daamkit.cli.classify import lora, train
+
+    def cli_default(command, name):
+        import inspect
+
+        return inspect.signature(command).parameters[name].default.default
+
+    for name in ("epochs", "lr", "batch_size", "weight_decay", "loss", "dev_fraction", "seed", "runs", "heads"):
+        assert cli_default(train, name) == DecoderRunConfig.default(name)
+    for name in ("epochs", "rank", "alpha", "loraplus_ratio", "weight_decay", "dtype"):
+        assert cli_default(lora, name) == LoRARunConfig.default(name)
+    assert RunConfig.default("weight_decay") == 0.1 and LoRARunConfig.default("epochs") == 3
+
+
+@pytest.mark.parametrize(("cls", "values", "message"), [
+    (DecoderRunConfig, {"decoder": "transformer"}, "unknown decoder"),
+    (DecoderRunConfig, {"epochs": 0}, "`epochs` must be an integer of at least 1"),
+    (DecoderRunConfig, {"lr": "fast"}, "`lr` must be a positive number or auto"),
+    (DecoderRunConfig, {"dev_fraction": 1.5}, "`dev_fraction` must be between 0 and 1"),
+    (DecoderRunConfig, {"loss": "hinge"}, "`loss` must be one of"),
+    (LoRARunConfig, {"lr": "auto"}, "`lr` auto is for decoder runs"),
+    (LoRARunConfig, {"plus": True, "loraplus_ratio": 0.5}, "`loraplus_ratio` must be at least 1"),
+    (DecoderRunConfig, {"bogus": 1}, "unknown key"),
+])
+def test_bad_values_are_one_clear_error(cls, values, message):
+    with pytest.raises(DaamkitError, match=message):
+        cls.from_dict(values)
