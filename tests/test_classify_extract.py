@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,7 +297,8 @@ def test_resume_after_interruption(tmp_path, agnews_dir, tiny_llama, monkeypatch
         extract_features("agnews", agnews_dir, str(tiny_llama), out, batch_size=3, device="cpu")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"] == {"num_items": 8, "complete": False}
-    assert json.loads((out / "train" / "progress.json").read_text()) == {"completed": 6}
+    committed = [json.loads(line)["row"] for line in (out / "train" / "items.0.partial.jsonl").read_text().splitlines()]
+    assert committed == list(range(6))
     with pytest.raises(DaamkitError, match="incomplete"):
         FeatureCache.open(out).split("train")
 
@@ -314,7 +316,7 @@ def test_resume_after_interruption(tmp_path, agnews_dir, tiny_llama, monkeypatch
         np.testing.assert_array_equal(a.features, b.features)
         np.testing.assert_array_equal(a.labels, b.labels)
         assert a.items == b.items
-    assert not (out / "train" / "progress.json").exists()
+    assert not list((out / "train").glob("*.partial.jsonl"))
 
 
 def test_cli_extract_and_refusing_mixed_encoders(tmp_path, agnews_dir, tiny_llama, tiny_bert):
@@ -402,3 +404,50 @@ def test_audio_items_too_short_for_the_encoder(tiny_wavlm):
 
 def test_dataset_module_lists_every_task():
     assert set(datasets.TASK_MODALITY) == {"iemocap", "agnews", "cifar100", "text-csv", "image-folder", "audio-folder"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_fill_the_same_cache_as_one(tmp_path, agnews_dir, tiny_bert):
+    """torchrun with 2 CPU processes (gloo): each encodes every other batch into the one memmap."""
+    import os
+    import subprocess
+    import sys
+
+    single = extract_features("agnews", agnews_dir, str(tiny_bert), tmp_path / "single", batch_size=2, device="cpu")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "daamkit.cli.main", "classify", "extract", "--task",
+               "agnews", "--data", str(agnews_dir), "--encoder", str(tiny_bert), "--out", str(tmp_path / "sharded"),
+               "--batch-size", "2", "--device", "cpu", "--quiet"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = FeatureCache.open(tmp_path / "single"), FeatureCache.open(tmp_path / "sharded")
+    assert {k: v for k, v in a.manifest.items()} == b.manifest
+    for name in single["splits"]:
+        np.testing.assert_array_equal(a.split(name).features, b.split(name).features)
+        np.testing.assert_array_equal(a.split(name).labels, b.split(name).labels)
+        assert a.split(name).items == b.split(name).items
+    assert not (tmp_path / "sharded" / ".extract.lock").exists()
+
+
+def test_a_second_extraction_into_a_locked_cache_is_refused(tmp_path, agnews_dir, tiny_bert):
+    import os
+
+    out = tmp_path / "cache"
+    out.mkdir()
+    lock = out / ".extract.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(), "since": "now"}))
+    result = runner.invoke(app, ["classify", "extract", "--task", "agnews", "--data", str(agnews_dir), "--encoder",
+                                 str(tiny_bert), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 2 and f"pid {os.getpid()}" in result.stderr and "being written by another" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and lock.exists()
+    lock.write_text(json.dumps({"pid": 2 ** 22 + 12345, "host": __import__("socket").gethostname(), "since": "then"}))
+    extract_features("agnews", agnews_dir, str(tiny_bert), out, batch_size=4, device="cpu")  # a stale lock is taken over
+    assert not lock.exists() and FeatureCache.open(out).is_complete("train")

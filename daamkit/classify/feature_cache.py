@@ -10,16 +10,17 @@ Format (version 1) of a cache folder `FEATURES_DIR`:
     <split>/features.npy   float16 (N, L, d), `numpy.lib.format.open_memmap`; `np.load(..., mmap_mode="r")`
     <split>/labels.npy     int64 (N,), indices into `classes`
     <split>/items.json     [{"id": str, "group": str | null, "utterance": str | null}, ...] (N entries)
-    <split>/progress.json  {"completed": n}: rows [0, n) are final (written only while extracting)
+    <split>/items.<rank>.partial.jsonl  while extracting: one {"row": i, "id", ...} line per committed row,
+                           per writing process (sharded extraction runs several)
 
 `layers` are indices into the encoder's `hidden_states` tuple (0 = embedding output), so `layers[i]` is
 the encoder layer stored in `features[:, i]`. Row order is the extractor's choice (text splits run
 longest text first); `items[i]` and `labels[i]` always describe row i. IEMOCAP has one split "all"
 with `grouping: "session"` and items grouped "Session1".."Session5"; other tasks have "train", "test".
 
-Rows are written in order. After each batch the arrays are flushed and `progress.json` is replaced
-atomically, so an interrupted extraction resumes from the last committed row. `items.json` is produced
-when a split completes (rows in flight live in `items.partial.jsonl` until then).
+After each batch the arrays are flushed and then the batch's item lines appended, so a row counts as
+written once its line is there, and an interrupted extraction resumes with the rows that are missing
+(with any number of processes). `items.json` is produced when a split completes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from numpy.lib.format import open_memmap
@@ -41,8 +42,7 @@ MANIFEST_FILE = "manifest.json"
 FEATURES_FILE = "features.npy"
 LABELS_FILE = "labels.npy"
 ITEMS_FILE = "items.json"
-PROGRESS_FILE = "progress.json"
-PARTIAL_ITEMS_FILE = "items.partial.jsonl"
+PARTIAL_ITEMS_SUFFIX = ".partial.jsonl"  # items.<rank>.partial.jsonl: committed rows of one writing process
 
 # Manifest fields that identify what a cache holds; a writer refuses to add to a cache that differs in any.
 IDENTITY_FIELDS = (
@@ -162,15 +162,20 @@ class FeatureCache:
 
 
 class FeatureCacheWriter:
-    """Writes (or resumes writing) one split of a cache; rows must arrive in order.
+    """Writes (or resumes writing) one split of a cache, alone or as one of several processes.
 
     `manifest_fields` holds every manifest key except `version`, `dtype`, `num_layers` and `splits`
     (those are filled here): task, encoder, encoder_config_hash, compute_dtype, layers, hidden_size,
     classes, fingerprint, grouping. Opening a folder whose manifest differs in any identity field raises
-    DaamkitError (a cache never mixes encoders or datasets). `completed` says where to resume.
+    DaamkitError (a cache never mixes encoders or datasets).
+
+    With `shard=(rank, world)` and a `barrier` that waits for all processes, every process writes its own
+    rows of the one memory-mapped array; `pending(batch_size)` hands each its share of the rows not yet
+    written (by any earlier attempt, whatever its process count). A row is committed once its item line
+    is in the process's `items.<rank>.jsonl` (written after the arrays are flushed).
 
         writer = FeatureCacheWriter(out, fields, "train", num_items=N, num_layers=L, hidden_size=d)
-        for start in range(writer.completed, N, batch): writer.write(start, feats, labels, items)
+        for start, stop in writer.pending(batch): writer.write(start, feats, labels, items)
         writer.finish()
     """
 
@@ -182,6 +187,8 @@ class FeatureCacheWriter:
         num_items: int,
         num_layers: int,
         hidden_size: int,
+        shard: tuple[int, int] = (0, 1),
+        barrier: Callable[[], None] = lambda: None,
     ):
         if num_items <= 0:
             raise DaamkitError(f"split {split!r} is empty: nothing to extract")
@@ -191,9 +198,22 @@ class FeatureCacheWriter:
         self.split = split
         self.num_items = num_items
         self.folder = self.directory / split
+        self.rank, self.world = shard
+        self._barrier = barrier
         self._shape = (num_items, num_layers, hidden_size)
-        self._manifest = self._prepare_manifest(manifest_fields, num_layers)
-        self.completed = self._open_arrays()
+        if self.rank == 0:
+            self._manifest = self._prepare_manifest(manifest_fields, num_layers)
+            self._create_arrays()
+        self._barrier()
+        self._manifest = read_manifest(self.directory)
+        self._features = open_memmap(self.folder / FEATURES_FILE, mode="r+")
+        self._labels = open_memmap(self.folder / LABELS_FILE, mode="r+")
+        self.done = np.zeros(num_items, dtype=bool)
+        for record in self._committed_items():
+            self.done[record["row"]] = True
+        self._barrier()  # every process has read the progress before anyone adds to it
+        self.completed = int(self.done.sum())
+        self._items_path = self.folder / f"items.{self.rank}{PARTIAL_ITEMS_SUFFIX}"
 
     def _prepare_manifest(self, fields: dict[str, Any], num_layers: int) -> dict[str, Any]:
         existing = read_manifest(self.directory)
@@ -216,39 +236,53 @@ class FeatureCacheWriter:
             )
         if previous is None or previous.get("complete"):
             manifest["splits"][self.split] = {"num_items": self.num_items, "complete": False}
-            if previous is not None:  # rewriting a finished split: its old rows are no longer valid
-                (self.folder / PROGRESS_FILE).unlink(missing_ok=True)
+            for stale in self.folder.glob(f"items.*{PARTIAL_ITEMS_SUFFIX}"):  # a finished split is rewritten
+                stale.unlink()
         atomic_write_json(self.directory / MANIFEST_FILE, manifest)
         return manifest
 
-    def _open_arrays(self) -> int:
+    def _create_arrays(self) -> None:
+        """Fresh arrays unless rows of an interrupted attempt are there to keep (rank 0 only)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        progress = self.folder / PROGRESS_FILE
-        completed = json.loads(progress.read_text())["completed"] if progress.is_file() else 0
         features_path, labels_path = self.folder / FEATURES_FILE, self.folder / LABELS_FILE
-        if completed and features_path.is_file() and labels_path.is_file():
-            self._features = open_memmap(features_path, mode="r+")
-            self._labels = open_memmap(labels_path, mode="r+")
-            if self._features.shape != self._shape or self._labels.shape != (self.num_items,):
-                raise DaamkitError(f"{features_path} has shape {self._features.shape}, expected {self._shape}")
-        else:
-            completed = 0
-            self._features = open_memmap(features_path, mode="w+", dtype=np.float16, shape=self._shape)
-            self._labels = open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(self.num_items,))
-        self._items_path = self.folder / PARTIAL_ITEMS_FILE
-        kept = self._items_path.read_text().splitlines()[:completed] if completed and self._items_path.is_file() else []
-        if len(kept) != completed:
-            raise DaamkitError(f"{self._items_path} lost rows; delete {self.folder} and extract again")
-        self._items_path.write_text("".join(line + "\n" for line in kept))
-        return completed
+        if features_path.is_file() and labels_path.is_file() and any(True for _ in self._committed_items()):
+            features = np.load(features_path, mmap_mode="r")
+            if features.shape != self._shape:
+                raise DaamkitError(f"{features_path} has shape {features.shape}, expected {self._shape}")
+            return
+        for stale in self.folder.glob(f"items.*{PARTIAL_ITEMS_SUFFIX}"):
+            stale.unlink()
+        open_memmap(features_path, mode="w+", dtype=np.float16, shape=self._shape).flush()
+        open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(self.num_items,)).flush()
+
+    def _committed_items(self):
+        """Item records (with their `row`) of every committed row, from every process's items file."""
+        for path in sorted(self.folder.glob(f"items.*{PARTIAL_ITEMS_SUFFIX}")):
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut off by an interruption: its row is not committed
+                    continue
+                if 0 <= record.get("row", -1) < self.num_items:
+                    yield record
+
+    def pending(self, batch_size: int) -> list[tuple[int, int]]:
+        """This process's share of the batches of rows not yet written: [start, stop) ranges in order."""
+        batches: list[list[int]] = []
+        for row in np.flatnonzero(~self.done).tolist():
+            if batches and batches[-1][1] == row and row - batches[-1][0] < batch_size:
+                batches[-1][1] = row + 1
+            else:
+                batches.append([row, row + 1])
+        return [(start, stop) for start, stop in batches[self.rank::self.world]]
 
     def write(self, start: int, features: np.ndarray, labels: Sequence[int], items: Sequence[dict[str, Any]]) -> None:
-        """Store rows [start, start + len(features)) and commit them (flush + atomic progress update)."""
-        if start != self.completed:
-            raise ValueError(f"rows must be written in order: expected start {self.completed}, got {start}")
+        """Store rows [start, start + len(features)) and commit them (flush, then their item lines)."""
         count = len(features)
-        if count != len(labels) or count != len(items) or start + count > self.num_items:
+        if count != len(labels) or count != len(items) or start < 0 or start + count > self.num_items:
             raise ValueError(f"bad batch: {count} feature rows, {len(labels)} labels, {len(items)} items at {start}")
+        if self.done[start:start + count].any():
+            raise ValueError(f"rows {start}..{start + count - 1} are already written")
         features = np.asarray(features, dtype=np.float32)
         if not np.isfinite(features).all() or np.abs(features).max(initial=0.0) > _FLOAT16_MAX:
             raise DaamkitError(
@@ -260,21 +294,25 @@ class FeatureCacheWriter:
         self._features.flush()
         self._labels.flush()
         with open(self._items_path, "a") as handle:
-            handle.writelines(json.dumps(_item_record(item)) + "\n" for item in items)
-        self.completed = start + count
-        atomic_write_json(self.folder / PROGRESS_FILE, {"completed": self.completed})
+            handle.writelines(json.dumps({"row": start + i, **_item_record(item)}) + "\n"
+                              for i, item in enumerate(items))
+        self.done[start:start + count] = True
 
     def finish(self) -> None:
-        """Mark the split complete: write items.json, drop the progress files, update the manifest."""
-        if self.completed != self.num_items:
-            raise ValueError(f"split {self.split!r} has {self.completed} of {self.num_items} rows")
-        items = [json.loads(line) for line in self._items_path.read_text().splitlines()]
-        atomic_write_json(self.folder / ITEMS_FILE, items)
+        """Once every process is done: write items.json, drop the partial files, mark the split complete."""
+        self._barrier()
         del self._features, self._labels
-        self._manifest["splits"][self.split]["complete"] = True
-        atomic_write_json(self.directory / MANIFEST_FILE, self._manifest)
-        self._items_path.unlink()
-        (self.folder / PROGRESS_FILE).unlink()
+        if self.rank == 0:
+            records = {record["row"]: record for record in self._committed_items()}
+            if len(records) != self.num_items:
+                raise ValueError(f"split {self.split!r} has {len(records)} of {self.num_items} rows")
+            items = [{key: records[row][key] for key in ("id", "group", "utterance")} for row in range(self.num_items)]
+            atomic_write_json(self.folder / ITEMS_FILE, items)
+            self._manifest["splits"][self.split]["complete"] = True
+            atomic_write_json(self.directory / MANIFEST_FILE, self._manifest)
+            for path in self.folder.glob(f"items.*{PARTIAL_ITEMS_SUFFIX}"):
+                path.unlink()
+        self._barrier()
 
 
 def _item_record(item: dict[str, Any]) -> dict[str, Any]:
