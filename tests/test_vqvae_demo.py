@@ -83,7 +83,9 @@ def test_gate_entropy_is_zero_for_one_hot_and_one_for_uniform_heads_with_a_remai
 
 def test_demo_run_matches_evaluate_and_its_tokens_decode_to_the_reconstruction(files, tmp_path):
     model = DemoModel(files["daam"], device="cpu")
-    result = model.run(files["photo"], full=False)
+    stages = []
+    result = model.run(files["photo"], full=False, report=lambda fraction, stage: stages.append(fraction))
+    assert stages == sorted(stages) and len(stages) == 3 and stages[0] == 0.0  # progress moves forward
     rec = result.reconstruction
     assert rec.original.shape == rec.reconstruction.shape == (16, 16, 3) and rec.tokens.shape == (4, 4)
     assert result.token_image.shape == (16, 16, 3)

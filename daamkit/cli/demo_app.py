@@ -49,9 +49,11 @@ def build_app(models: Sequence[DemoModel]) -> gr.Blocks:
         stem = Path(upload).stem
         values = []
         for index, model in enumerate(models):
-            progress(index / len(models), desc=f"reconstructing with {model.path}")
+            def report(fraction: float, stage: str, index: int = index, model: DemoModel = model) -> None:
+                progress((index + fraction) / len(models), desc=f"{model.path}: {stage}")
+
             try:
-                result = model.run(upload, full=region == FULL)
+                result = model.run(upload, full=region == FULL, report=report)
             except DaamkitError as err:
                 raise gr.Error(str(err)) from err
             except MemoryError as err:

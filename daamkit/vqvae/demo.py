@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -125,11 +126,16 @@ class DemoModel:
         attention = self.model.config.attention
         return f"{self.path} (attention {attention}, {self.model.config.num_embeddings} codes)"
 
-    def run(self, path: str | Path, full: bool) -> DemoResult:
-        """Reconstruct the image file at `path` (a center crop at the training size, or the whole image)."""
+    def run(self, path: str | Path, full: bool, report: Callable[[float, str], None] | None = None) -> DemoResult:
+        """Reconstruct the image file at `path` (a center crop at the training size, or the whole image);
+        `report(fraction done, stage)` is called as the work proceeds, for a progress display."""
+        report = report or (lambda fraction, stage: None)
+        report(0.0, "reading the image")
         image = read_upload(path, self.image_size, full, self.model.config.downsample_factor).to(self.device)
         small = min(image.shape[-2:]) < LPIPS_MIN_SIZE
+        report(0.1, f"reconstructing {image.shape[-1]}x{image.shape[-2]} px")
         result = reconstruct_image(self.model, image, None if small else self.lpips_model, gates=True)
+        report(0.9, "drawing token grid and gate maps")
         height, width = result.original.shape[:2]
         gate_maps = [(heatmap(entropy, height, width), block_caption(name, entropy))
                      for name, entropy in result.gate_entropy.items()]
