@@ -1,0 +1,64 @@
+"""Two small, real labelled text sets for the small-data walkthrough: Debian package descriptions by section.
+
+Reads `apt-cache dumpavail` (run `apt-get update` once first), keeps one item per distinct short
+description, and writes `text-csv` folders (train.csv / test.csv with columns text,label):
+
+    OUT/debian6: 6 sections (games, science, sound, graphics, net, text), 100 train + 50 test each
+    OUT/debian5: 5 other sections (mail, editors, video, database, math), 80 train + 40 test each
+
+Usage: python examples/debian_text_sets.py OUT
+The exact items depend on the machine's package lists (here: Debian bookworm + bookworm-security).
+"""
+
+import csv
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+SETS = {
+    "debian6": (["games", "science", "sound", "graphics", "net", "text"], 100, 50, 0),
+    "debian5": (["mail", "editors", "video", "database", "math"], 80, 40, 1),
+}
+
+
+def descriptions() -> dict[str, str]:
+    """Short description -> archive section (the first package listing a description keeps it)."""
+    raw = subprocess.run(["apt-cache", "dumpavail"], capture_output=True, text=True, check=True).stdout
+    sections: dict[str, str] = {}
+    for block in raw.split("\n\n"):
+        fields = {}
+        for line in block.splitlines():
+            if ":" in line and not line.startswith(" "):
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if fields.get("Section") and fields.get("Description"):
+            sections.setdefault(fields["Description"], fields["Section"].split("/")[-1])
+    return sections
+
+
+def write_set(out: Path, labelled: dict[str, str], sections: list[str], n_train: int, n_test: int, seed: int):
+    rng = random.Random(seed)
+    rows: dict[str, list] = {"train": [], "test": []}
+    for section in sections:
+        items = sorted(text for text, label in labelled.items() if label == section)
+        rng.shuffle(items)
+        if len(items) < n_train + n_test:
+            raise SystemExit(f"section {section} has only {len(items)} distinct descriptions")
+        rows["train"] += [(text, section) for text in items[:n_train]]
+        rows["test"] += [(text, section) for text in items[n_train:n_train + n_test]]
+    out.mkdir(parents=True, exist_ok=True)
+    for split, split_rows in rows.items():
+        rng.shuffle(split_rows)
+        with open(out / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            writer.writerows(split_rows)
+    print(f"{out}: {len(rows['train'])} train, {len(rows['test'])} test, {len(sections)} classes")
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "data")
+    labelled = descriptions()
+    for name, (sections, n_train, n_test, seed) in SETS.items():
+        write_set(root / name, labelled, sections, n_train, n_test, seed)
