@@ -67,6 +67,18 @@ def _no_attention(config: DecoderConfig) -> tuple[nn.Module, int]:
     return nn.Identity(), config.hidden_size
 
 
+def _heads_divide_width(decoder: str, heads: int, hidden_size: int) -> Optional[str]:
+    if hidden_size % heads:
+        return f"decoder {decoder}: hidden size {hidden_size} is not divisible by {heads} heads"
+    return None
+
+
+def _heads_fill_kv_groups(decoder: str, heads: int, hidden_size: int) -> Optional[str]:
+    if heads % GQA_KV_HEADS:
+        return f"decoder {decoder}: {heads} query heads are not a multiple of the {GQA_KV_HEADS} key/value heads"
+    return None
+
+
 def _mha(config: DecoderConfig) -> tuple[nn.Module, int]:
     return _SelfAttention(config.hidden_size, config.heads), config.hidden_size
 
@@ -103,13 +115,15 @@ class DecoderSpec:
 
     `attention` is None for the linear probe (no attention stage, no conv head). `density` decoders produce
     a density gate (Importance Factor, Gaussian table) and need `MIN_LAYERS_PER_HEAD` layers per head.
-    `paper_heads` is the paper's head count (Table 1), None where heads do not apply. `table_row`: a row
+    `paper_heads` is the paper's head count (Table 1), None where heads do not apply. `heads_problem`
+    says why a head count does not fit the hidden size (None when it does). `table_row`: a row
     `classify reproduce` trains (the ablation-only conv head is not).
     """
 
     attention: Optional[Callable[[DecoderConfig], tuple[nn.Module, int]]]
     paper_heads: Optional[int]
     density: bool = False
+    heads_problem: Callable[[str, int, int], Optional[str]] = lambda decoder, heads, hidden_size: None
     table_row: bool = True
 
     @property
@@ -122,9 +136,9 @@ REGISTRY: dict[str, DecoderSpec] = {
     "linear": DecoderSpec(None, None),
     # The DAT conv head alone: what a density decoder over one layer amounts to (DAAM there is the identity).
     "conv-head": DecoderSpec(_no_attention, None, table_row=False),
-    "mha": DecoderSpec(_mha, 8),
-    "mha-bn": DecoderSpec(_mha_bn, 8),
-    "gqa": DecoderSpec(_gqa, 8),
+    "mha": DecoderSpec(_mha, 8, heads_problem=_heads_divide_width),
+    "mha-bn": DecoderSpec(_mha_bn, 8, heads_problem=_heads_divide_width),
+    "gqa": DecoderSpec(_gqa, 8, heads_problem=_heads_fill_kv_groups),
     "daam-v1": DecoderSpec(_daam, 8, density=True),
     "daam-v2": DecoderSpec(_daam, 1, density=True),
     "gqdaam": DecoderSpec(_gqdaam, 8, density=True),
@@ -204,10 +218,9 @@ def decoder_config(
                 f"{MIN_LAYERS_PER_HEAD} layers (DAAM over one layer is the identity); use `heads` {most} or fewer"
             )
     heads = spec.paper_heads if heads is None else heads
-    if decoder in ("mha", "mha-bn") and hidden_size % heads:
-        raise DaamkitError(f"decoder {decoder}: hidden size {hidden_size} is not divisible by {heads} heads")
-    if decoder == "gqa" and heads % GQA_KV_HEADS:
-        raise DaamkitError(f"decoder gqa: {heads} query heads are not a multiple of the {GQA_KV_HEADS} key/value heads")
+    problem = None if heads is None else spec.heads_problem(decoder, heads, hidden_size)
+    if problem:
+        raise DaamkitError(problem)
     return DecoderConfig(decoder, num_layers, hidden_size, num_classes, heads, gaussians)
 
 
