@@ -171,3 +171,15 @@ def test_demo_command_without_gradio_says_how_to_install_it(files, monkeypatch):
     result = CliRunner().invoke(cli_app, ["vqvae", "demo", str(files["daam"])])
     assert result.exit_code == 2
     assert result.output.strip() == "error: the demo needs Gradio (gradio is missing): pip install 'daamkit[demo]'"
+
+
+def test_demo_command_on_a_taken_port_says_so_in_one_line(files):
+    pytest.importorskip("gradio")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli_app, ["vqvae", "demo", str(files["daam"]), "--port", str(port)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: cannot listen on 127.0.0.1:{port} (in use or not an address of this "
+                                     "machine); choose another --port or --host")

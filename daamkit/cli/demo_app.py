@@ -101,6 +101,10 @@ def serve(checkpoints: Sequence[str | Path], host: str, port: int) -> tuple[gr.B
     (`app.block_thread()` then serves until interrupted, `app.close()` stops it)."""
     models = [DemoModel(path) for path in checkpoints]
     app = build_app(models)
-    app.queue().launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
-                       ssr_mode=False, max_file_size=MAX_UPLOAD, footer_links=["settings"])
+    try:
+        app.queue().launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
+                           ssr_mode=False, max_file_size=MAX_UPLOAD, footer_links=["settings"])
+    except OSError as err:  # port taken, address not on this machine
+        raise DaamkitError(f"cannot listen on {host}:{port} (in use or not an address of this machine); "
+                           "choose another `port` or `host`") from err
     return app, f"http://{host}:{port}/"
