@@ -66,6 +66,11 @@ def world(tmp_path_factory) -> Path:
 
 CKPT = "{root}/run/checkpoints/last"
 SWEEP = [
+    # options mistyped on the command line
+    (["vqvae", "train", "--steps", "abc", "--out", "{root}/new"], "Invalid value for '--steps'"),
+    (["vqvae", "train", "--stepz", "3", "--out", "{root}/new"], "No such option: --stepz"),
+    (["classify", "train", "--epochs", "many"], "Invalid value for '--epochs'"),
+    (["vqvae", "reconstruct", CKPT], "Missing argument"),
     # --config values of the wrong type or kind
     (["vqvae", "train", "--config", "{root}/data5.toml", "--out", "{root}/new"], "--data must be a string, got 5"),
     (["vqvae", "train", "--config", "{root}/lr_fast.toml", "--out", "{root}/new"], "--lr must be a number, got 'fast'"),
@@ -104,6 +109,8 @@ SWEEP = [
     (["vqvae", "train", "--out", "{root}/bad_state_run", "--resume"], "state.pt is damaged or truncated"),
     # a resumed run cannot go backwards
     (["vqvae", "train", "--out", "{root}/run", "--resume", "--steps", "1"], "--steps 1 is below the step"),
+    (["vqvae", "reconstruct", CKPT, "{root}/images", "--out", "{root}/new", "--image-size", "0"],
+     "--image-size 0 must be a positive multiple of 4"),
     # nothing usable among the inputs
     (["vqvae", "encode", CKPT, "{root}/images/img0.png", "--out", "{root}/new.npz", "--image-size", "64"],
      "no input image could be processed"),

@@ -22,6 +22,8 @@ from daamkit.infra.errors import DaamkitError
 from daamkit.infra.progress import set_quiet
 
 _FIELD = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+# The click that Typer parses with: its own vendored copy (Typer >= 0.2x) or the click package.
+_UsageError = getattr(typer.core, "_click", click).exceptions.UsageError
 
 
 def flag_for(command: click.Command | None, field: str) -> str:
@@ -47,7 +49,8 @@ def _os_error_line(err: OSError) -> str:
 
 
 class _UserErrorGroup(TyperGroup):
-    """Turns DaamkitError (and file-system errors) raised by any command into one line on stderr + exit 2.
+    """Turns DaamkitError, file-system errors and option-parsing errors raised by any command into one line
+    on stderr + exit 2.
 
     Also resets progress output, so a quiet command does not silence the next one run in the same process.
     """
@@ -62,6 +65,10 @@ class _UserErrorGroup(TyperGroup):
             sys.exit(2)
         except OSError as err:  # permissions, a full disk, a path that vanished: still one line
             click.echo(f"error: {_os_error_line(err)}", err=True)
+            sys.exit(2)
+        except _UsageError as err:  # a mistyped option or value: one line instead of usage text and a box
+            where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+            click.echo(f"error: {err.format_message()}{where}", err=True)
             sys.exit(2)
 
 

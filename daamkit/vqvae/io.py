@@ -46,7 +46,7 @@ def load_model(checkpoint_dir: str | Path, device: torch.device | str = "cpu",
 
 def resolve_image_size(config: VQVAEConfig, train_config: TrainConfig | None, image_size: int | None) -> int:
     """`image_size`, defaulting to the training crop size; must be divisible by the down-sampling factor."""
-    size = image_size or (train_config.image_size if train_config else 256)
+    size = image_size if image_size is not None else (train_config.image_size if train_config else 256)
     factor = config.downsample_factor
     if size < factor or size % factor:
         raise DaamkitError(f"`image_size` {size} must be a positive multiple of {factor} (2^num_downsamples)")
