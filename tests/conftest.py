@@ -4,11 +4,14 @@ processors, built offline) and small datasets written in their real on-disk layo
 from __future__ import annotations
 
 import csv
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+os.environ["DAAMKIT_OFFLINE"] = "1"  # tests never download (LPIPS trunks, Inception weights)
 
 AGNEWS_TRAIN = [
     ("3", "Wall St. Bears Claw Back", "Short-sellers, Wall Street's dwindling band, are seeing green again."),

@@ -106,3 +106,48 @@ def test_gan_and_weight_ema_run_resumes_bit_for_bit_and_evaluates_the_ema(image_
     metrics = [json.loads(invoke("vqvae", "evaluate", last_b, "--data", image_dir, "--json", *flag).stdout)
                for flag in ([], ["--raw-weights"])]
     assert metrics[0]["psnr"] != metrics[1]["psnr"]
+
+
+def _random_alexnet_trunk(path):
+    import torchvision
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = torchvision.models.alexnet(weights=None).state_dict()
+    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, path)
+    return path
+
+
+def test_lpips_trunk_from_an_explicit_file_outside_the_cache(tmp_path, monkeypatch):
+    from daamkit.vqvae.losses import load_lpips, resolve_lpips_trunk
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_cache"))
+    trunk = _random_alexnet_trunk(tmp_path / "mine" / "alexnet.pth")
+    assert resolve_lpips_trunk("alex", trunk) == trunk
+    model = load_lpips("alex", trunk)
+    first_conv = next(iter(model.net.slice1.parameters()))
+    assert torch.equal(first_conv, torch.load(trunk, weights_only=True)["features.0.weight"])
+    with pytest.raises(DaamkitError, match="`lpips_weights`"):
+        resolve_lpips_trunk("alex", tmp_path / "nope.pth")
+
+
+def test_lpips_download_when_offline_is_one_line_naming_file_path_and_the_way_out(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setenv("DAAMKIT_OFFLINE", "0")  # downloads allowed, but the network does not answer
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    images = tmp_path / "images"
+    write_images(images, 2, size=32)
+    result = invoke("vqvae", "train", "--data", images, "--out", tmp_path / "run", "--image-size", "32",
+                    "--perceptual-weight", "1", "--lpips-net", "alex")
+    line = result.output.strip()
+    assert result.exit_code == 2 and line.startswith("error:") and "\n" not in line, line
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    for part in (str(expected), "download failed", "Name or service not known", "--lpips-weights",
+                 "--perceptual-weight 0"):
+        assert part in line, part
+    assert not (tmp_path / "run").exists()

@@ -183,7 +183,7 @@ def test_missing_lpips_weights_stop_before_training(image_dir, tmp_path, monkeyp
     result = invoke("vqvae", "train", "--data", image_dir, "--out", tmp_path / "run", "--image-size", "32",
                     "--perceptual-weight", "0.5")
     assert result.exit_code == 2
-    expected = tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"  # the training default
     line = result.output.strip()
     assert line.startswith("error:") and "\n" not in line, line
     assert str(expected) in line and "--perceptual-weight 0" in line
@@ -203,7 +203,7 @@ def test_lpips_loss_and_metric_use_the_local_trunk_file(tmp_path, monkeypatch):
     small = ["--batch-size", "2", "--base-channels", "8", "--embedding-dim", "4", "--num-embeddings", "16",
              "--heads", "2", "--gaussians", "2", "--val-images", "2"]
     result = invoke("vqvae", "train", "--data", images, "--out", tmp_path / "run", "--image-size", "32",
-                    "--steps", "1", "--perceptual-weight", "0.5", *small)
+                    "--steps", "1", "--perceptual-weight", "0.5", "--lpips-net", "alex", *small)
     assert result.exit_code == 0, result.output
     result = invoke("vqvae", "evaluate", tmp_path / "run" / "checkpoints" / "last", "--data", images, "--json")
     assert result.exit_code == 0, result.output

@@ -41,7 +41,7 @@ def _resume_configs(out: Path, values: dict[str, Any], given: set[str]) -> tuple
             flag = "--" + key.replace("_", "-")
             raise DaamkitError(f"--resume keeps the saved run's settings: {flag} {values[key]} differs from "
                                f"{saved[key]!r} in {out}; only --steps, --log-every, --eval-every, --val-images, "
-                               "--num-workers and --compile may change")
+                               "--num-workers, --compile and --lpips-weights may change")
     return model_config, train_config.replace(**changes)
 
 
@@ -68,8 +68,10 @@ def train(
     l2_normalize: bool = typer.Option(_M.l2_normalize, "--l2-normalize/--no-l2-normalize", help="Unit-norm codes."),
     recon_loss: str = typer.Option(_T.recon_loss, help="Reconstruction loss: l1 or mse."),
     perceptual_weight: float = typer.Option(
-        _T.perceptual_weight, help="LPIPS weight; > 0 needs the AlexNet trunk in the torch hub cache (see `daamkit info`)."),
-    lpips_net: str = typer.Option(_T.lpips_net, help="LPIPS trunk: alex or vgg."),
+        _T.perceptual_weight, help="LPIPS weight (0 = off); needs the trunk weights (see --lpips-weights, `daamkit info`)."),
+    lpips_net: str = typer.Option(_T.lpips_net, help="LPIPS trunk of the perceptual loss: vgg (as the anchors) or alex."),
+    lpips_weights: Optional[str] = typer.Option(
+        _T.lpips_weights, help="The torchvision trunk file (default: the torch hub cache, else torchvision's download)."),
     disc_weight: float = typer.Option(_T.disc_weight, help="PatchGAN adversarial loss weight (0 = no discriminator)."),
     disc_start: int = typer.Option(_T.disc_start, help="Step at which the adversarial loss starts."),
     disc_loss: str = typer.Option(_T.disc_loss, help="Adversarial loss: hinge or non-saturating."),
@@ -129,12 +131,15 @@ def evaluate(
     image_size: ImageSizeOpt = None,
     batch_size: int = typer.Option(32, help="Images per batch."),
     raw_weights: RawWeightsOpt = False,
+    lpips_weights: Optional[Path] = typer.Option(
+        None, help="AlexNet trunk file for the LPIPS metric (default: the torch hub cache, else torchvision's download)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """PSNR, SSIM, LPIPS (null without trunk weights), codebook usage % and perplexity of a checkpoint."""
     from daamkit.vqvae.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(checkpoint, data, image_size, batch_size, raw_weights=raw_weights)
+    metrics = evaluate_checkpoint(checkpoint, data, image_size, batch_size, raw_weights=raw_weights,
+                                  lpips_weights=lpips_weights)
     typer.echo(json.dumps(metrics) if as_json else _format_metrics(metrics))
 
 

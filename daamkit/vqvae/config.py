@@ -17,6 +17,7 @@ ATTENTION_CHOICES = ("daam", "none")
 RECON_LOSSES = ("l1", "mse")
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 DISC_LOSSES = ("hinge", "non-saturating")
+LPIPS_NETS = ("alex", "vgg")
 
 
 def min_disc_image_size(layers: int) -> int:
@@ -118,7 +119,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     recon_loss: str = "l1"
     perceptual_weight: float = 0.0
-    lpips_net: str = "alex"
+    lpips_net: str = "vgg"  # the anchors (taming, LlamaGen, Open-MAGVIT2) train with LPIPS-VGG
+    lpips_weights: Optional[str] = None
     mixed_precision: str = "no"
     compile: bool = False
     seed: int = 0
@@ -147,6 +149,7 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"`grad_clip` must be >= 0 (0 disables), got {self.grad_clip}")
         _require(self.recon_loss in RECON_LOSSES, f"`recon_loss` must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
         _require(self.perceptual_weight >= 0, f"`perceptual_weight` must be >= 0, got {self.perceptual_weight}")
+        _require(self.lpips_net in LPIPS_NETS, f"`lpips_net` must be one of {LPIPS_NETS}, got {self.lpips_net!r}")
         _require(self.mixed_precision in MIXED_PRECISION_CHOICES,
                  f"`mixed_precision` must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")
         self._check_adversarial()

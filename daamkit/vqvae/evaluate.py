@@ -16,7 +16,7 @@ from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log, progress_bar
 from daamkit.vqvae.data import CropDataset, collate_valid, evaluation_set, to_uint8
 from daamkit.vqvae.io import default_device, load_model, open_inputs, resolve_image_size, save_png
-from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, lpips_available, missing_lpips_message
+from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips
 from daamkit.vqvae.metrics import CodeHistogram, psnr_per_image, ssim_per_image
 from daamkit.vqvae.model import VQVAE
 from daamkit.vqvae.reconstruction import reconstruct_image
@@ -80,10 +80,10 @@ def evaluate_model(model: VQVAE, dataset: CropDataset, device: torch.device, bat
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int | None = None,
                         batch_size: int = 32, lpips_net: str = "alex",
-                        raw_weights: bool = False) -> dict[str, float | int | None]:
+                        raw_weights: bool = False, lpips_weights: str | Path | None = None) -> dict[str, float | int | None]:
     """Metrics of a checkpoint on `data` (samples held-out crops, COCO val2017, or a folder's images).
 
-    LPIPS is null (None) when its trunk weights are not in the local torch cache.
+    LPIPS is null (None), with one note, when its trunk can be neither found nor downloaded.
     """
     if batch_size < 1:
         raise DaamkitError(f"`batch_size` must be a positive integer, got {batch_size}")
@@ -92,12 +92,15 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int |
     size = resolve_image_size(model.config, train_config, image_size)
     dataset = evaluation_set(data, size)
     lpips_model = None
-    if not lpips_available(lpips_net):
-        log(f"lpips reported as null: {missing_lpips_message(lpips_net)}")
-    elif size < LPIPS_MIN_SIZE:
+    if lpips_weights is not None and not Path(lpips_weights).is_file():
+        raise DaamkitError(f"`lpips_weights` {lpips_weights} does not exist")
+    if size < LPIPS_MIN_SIZE:
         log(f"lpips reported as null: images of {size} px are below its {LPIPS_MIN_SIZE} px minimum")
     else:
-        lpips_model = load_lpips(lpips_net).to(device)
+        try:
+            lpips_model = load_lpips(lpips_net, lpips_weights).to(device)
+        except DaamkitError as err:
+            log(f"lpips reported as null: {err}")
     return evaluate_model(model, dataset, device, batch_size, lpips_model).metrics
 
 

@@ -36,7 +36,7 @@ from daamkit.vqvae.quantizer import codebook_usage_and_perplexity
 from daamkit.vqvae.weight_ema import EMA_WEIGHTS_FILE, WeightEMA
 
 # Options that may change when a run is resumed; every other option must match the saved run.
-RESUME_ADJUSTABLE = {"steps", "log_every", "eval_every", "val_images", "num_workers", "compile"}
+RESUME_ADJUSTABLE = {"steps", "log_every", "eval_every", "val_images", "num_workers", "compile", "lpips_weights"}
 GRID_IMAGES = 8
 
 
@@ -156,7 +156,7 @@ class Trainer:
             raise DaamkitError(f"`perceptual_weight` > 0 needs `image_size` >= {LPIPS_MIN_SIZE} (the LPIPS trunk "
                                "down-samples 32x)")
         self.model_config, self.config, self.paths = model_config, config, RunPaths(Path(out_dir))
-        self.lpips = load_lpips(config.lpips_net) if config.perceptual_weight > 0 else None
+        self.lpips = self._perceptual_model() if config.perceptual_weight > 0 else None
         # Without a GPU, cpu=True lets torchrun / `accelerate launch` start a gloo process group (DDP on CPU).
         no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=no_accelerator)
@@ -201,6 +201,12 @@ class Trainer:
 
             # A killed run may have logged past its checkpoint: purge only the steps after it.
             self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.step + 1 if resume else None)
+
+    def _perceptual_model(self) -> torch.nn.Module:
+        try:
+            return load_lpips(self.config.lpips_net, self.config.lpips_weights)
+        except DaamkitError as err:
+            raise DaamkitError(f"{err}; or train with `perceptual_weight` 0") from err
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _restore(self, model: VQVAE, optimizer: torch.optim.Optimizer, discriminator: PatchDiscriminator | None,
