@@ -183,3 +183,17 @@ def test_demo_command_on_a_taken_port_says_so_in_one_line(files):
     assert result.exit_code == 2
     assert result.output.strip() == (f"error: cannot listen on 127.0.0.1:{port} (in use or not an address of this "
                                      "machine); choose another --port or --host")
+
+
+def test_demo_model_prefers_weight_ema_weights_unless_raw_weights(tmp_path):
+    from daamkit.vqvae.weight_ema import EMA_WEIGHTS_FILE
+
+    config = VQVAEConfig(**TINY)
+    torch.manual_seed(0)
+    raw, ema = VQVAE(config).state_dict(), VQVAE(config).state_dict()
+    folder = save_checkpoint(tmp_path / "ckpt", raw, checkpoint_config(config, TrainConfig(image_size=16)),
+                             extra_weights={EMA_WEIGHTS_FILE: ema})
+    with_ema, without = DemoModel(folder, device="cpu"), DemoModel(folder, device="cpu", raw_weights=True)
+    assert with_ema.label.endswith("weight-EMA weights)") and "EMA" not in without.label
+    assert torch.equal(with_ema.model.state_dict()["encoder.conv_in.weight"], ema["encoder.conv_in.weight"])
+    assert torch.equal(without.model.state_dict()["encoder.conv_in.weight"], raw["encoder.conv_in.weight"])

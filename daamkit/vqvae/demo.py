@@ -18,7 +18,8 @@ from PIL import Image
 
 from daamkit.infra.errors import DaamkitError
 from daamkit.vqvae.data import LOAD_ERRORS, read_rgb, sample_photos, unreadable_reason
-from daamkit.vqvae.io import SkippedInput, default_device, load_model, prepare_image, resolve_image_size, save_png
+from daamkit.vqvae.io import (SkippedInput, default_device, load_model, prepare_image, resolve_image_size, save_png,
+                              uses_ema_weights)
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, lpips_available
 from daamkit.vqvae.reconstruction import ImageReconstruction, reconstruct_image
 from daamkit.vqvae.tokens import token_file_bytes
@@ -113,10 +114,12 @@ def format_metrics(metrics: dict) -> str:
 class DemoModel:
     """A checkpoint loaded for the demo: the model, its crop size and LPIPS when its trunk weights exist."""
 
-    def __init__(self, checkpoint_dir: str | Path, device: torch.device | str | None = None, lpips_net: str = "alex"):
+    def __init__(self, checkpoint_dir: str | Path, device: torch.device | str | None = None, lpips_net: str = "alex",
+                 raw_weights: bool = False):
         self.path = Path(checkpoint_dir)
         self.device = torch.device(device) if device is not None else default_device()
-        self.model, train_config = load_model(self.path, self.device)
+        self.model, train_config = load_model(self.path, self.device, raw_weights)
+        self.ema = uses_ema_weights(self.path, raw_weights)
         self.image_size = resolve_image_size(self.model.config, train_config, None)
         self.has_daam = self.model.config.attention != "none"
         self.lpips_model = load_lpips(lpips_net).to(self.device) if lpips_available(lpips_net) else None
@@ -124,7 +127,8 @@ class DemoModel:
     @property
     def label(self) -> str:
         attention = self.model.config.attention
-        return f"{self.path} (attention {attention}, {self.model.config.num_embeddings} codes)"
+        weights = ", weight-EMA weights" if self.ema else ""
+        return f"{self.path} (attention {attention}, {self.model.config.num_embeddings} codes{weights})"
 
     def run(self, path: str | Path, full: bool, report: Callable[[float, str], None] | None = None) -> DemoResult:
         """Reconstruct the image file at `path` (a center crop at the training size, or the whole image);

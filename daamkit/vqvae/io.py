@@ -25,6 +25,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def uses_ema_weights(checkpoint_dir: str | Path, raw_weights: bool = False) -> bool:
+    """Whether `load_model` takes the checkpoint's weight-EMA weights: saved there, and not `raw_weights`."""
+    return not raw_weights and (Path(checkpoint_dir) / EMA_WEIGHTS_FILE).is_file()
+
+
 def load_model(checkpoint_dir: str | Path, device: torch.device | str = "cpu",
                raw_weights: bool = False) -> tuple[VQVAE, TrainConfig | None]:
     """The VQ-VAE stored in `checkpoint_dir` (eval mode, on `device`) and its training config if saved.
@@ -38,7 +43,7 @@ def load_model(checkpoint_dir: str | Path, device: torch.device | str = "cpu",
         raise DaamkitError(f"checkpoint folder {checkpoint_dir} does not exist")
     model_config, train_config = parse_checkpoint_config(load_config(checkpoint_dir), str(checkpoint_dir))
     model = VQVAE(model_config)
-    use_ema = not raw_weights and (checkpoint_dir / EMA_WEIGHTS_FILE).is_file()
+    use_ema = uses_ema_weights(checkpoint_dir, raw_weights)
     weights = load_weights(checkpoint_dir, name=EMA_WEIGHTS_FILE) if use_ema else load_weights(checkpoint_dir)
     load_state_dict_strict(model, weights, str(checkpoint_dir))
     return model.to(device).eval(), train_config
