@@ -197,3 +197,18 @@ def test_demo_model_prefers_weight_ema_weights_unless_raw_weights(tmp_path):
     assert with_ema.label.endswith("weight-EMA weights)") and "EMA" not in without.label
     assert torch.equal(with_ema.model.state_dict()["encoder.conv_in.weight"], ema["encoder.conv_in.weight"])
     assert torch.equal(without.model.state_dict()["encoder.conv_in.weight"], raw["encoder.conv_in.weight"])
+
+
+def test_demo_reports_lpips_with_a_trunk_file_and_refuses_a_missing_one(files, tmp_path):
+    from torchvision.models import alexnet
+
+    trunk = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(alexnet().state_dict(), trunk)  # random weights in the real file format: the path is under test
+    config = VQVAEConfig(**TINY)
+    folder = save_checkpoint(tmp_path / "ckpt32", VQVAE(config).state_dict(),
+                             checkpoint_config(config, TrainConfig(image_size=32)))
+    crop = write_photo(tmp_path / "photo40.png", 40, 36)
+    metrics = DemoModel(folder, device="cpu", lpips_weights=trunk).run(crop, full=False).reconstruction.metrics
+    assert isinstance(metrics["lpips"], float) and metrics["lpips"] >= 0
+    with pytest.raises(DaamkitError, match="does not exist"):
+        DemoModel(folder, device="cpu", lpips_weights=tmp_path / "missing.pth")

@@ -96,11 +96,12 @@ def build_app(models: Sequence[DemoModel]) -> gr.Blocks:
     return app
 
 
-def serve(checkpoints: Sequence[str | Path], host: str, port: int, raw_weights: bool = False) -> tuple[gr.Blocks, str]:
+def serve(checkpoints: Sequence[str | Path], host: str, port: int, raw_weights: bool = False,
+          lpips_weights: str | Path | None = None) -> tuple[gr.Blocks, str]:
     """Load the checkpoints (their weight-EMA weights where saved, unless `raw_weights`) and start the page on
     `host:port` in a background thread; returns it and its URL (`app.block_thread()` then serves until
     interrupted, `app.close()` stops it)."""
-    models = [DemoModel(path, raw_weights=raw_weights) for path in checkpoints]
+    models = [DemoModel(path, raw_weights=raw_weights, lpips_weights=lpips_weights) for path in checkpoints]
     app = build_app(models)
     try:
         app.queue().launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,

@@ -214,6 +214,8 @@ def demo(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1 = this machine only)."),
     port: int = typer.Option(7860, help="Port to listen on."),
     raw_weights: RawWeightsOpt = False,
+    lpips_weights: Optional[Path] = typer.Option(
+        None, help="AlexNet trunk file for the LPIPS metric (default: the torch hub cache; the demo downloads nothing)."),
 ) -> None:
     """Serve a local Gradio page: upload an image, see its reconstruction, metrics, token grid and DAAM gate maps.
 
@@ -225,6 +227,6 @@ def demo(
         raise DaamkitError(f"the demo needs Gradio ({err.name} is missing): pip install 'daamkit[demo]'") from err
     if not 0 < port < 65536:
         raise DaamkitError(f"--port must be between 1 and 65535, got {port}")
-    page, url = serve([checkpoint] + ([compare] if compare else []), host, port, raw_weights)
+    page, url = serve([checkpoint] + ([compare] if compare else []), host, port, raw_weights, lpips_weights)
     log(f"demo running at {url} (Ctrl+C to stop)")
     page.block_thread()

@@ -112,17 +112,19 @@ def format_metrics(metrics: dict) -> str:
 
 
 class DemoModel:
-    """A checkpoint loaded for the demo: the model, its crop size and LPIPS when its trunk weights exist."""
+    """A checkpoint loaded for the demo: the model, its crop size, and LPIPS when its trunk weights are on disk."""
 
     def __init__(self, checkpoint_dir: str | Path, device: torch.device | str | None = None, lpips_net: str = "alex",
-                 raw_weights: bool = False):
+                 raw_weights: bool = False, lpips_weights: str | Path | None = None):
         self.path = Path(checkpoint_dir)
         self.device = torch.device(device) if device is not None else default_device()
         self.model, train_config = load_model(self.path, self.device, raw_weights)
         self.ema = uses_ema_weights(self.path, raw_weights)
         self.image_size = resolve_image_size(self.model.config, train_config, None)
         self.has_daam = self.model.config.attention != "none"
-        self.lpips_model = load_lpips(lpips_net).to(self.device) if lpips_available(lpips_net) else None
+        # LPIPS from `lpips_weights` or the torch hub cache; never downloaded (the page works offline)
+        local = lpips_weights is not None or lpips_available(lpips_net)
+        self.lpips_model = load_lpips(lpips_net, lpips_weights).to(self.device) if local else None
 
     @property
     def label(self) -> str:
