@@ -21,7 +21,7 @@ _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a s
 def _describe(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (list, tuple):
-        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+        return f"a list, each {_describe(args[0])}" if args else "a list"
     if args:  # Optional[X] / Union
         return " or ".join(_describe(a) for a in args)
     return _KINDS.get(hint, getattr(hint, "__name__", str(hint)))
