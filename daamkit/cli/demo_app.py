@@ -16,6 +16,7 @@ from typing import Sequence
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr  # noqa: E402 - after the telemetry switch above
+import torch  # noqa: E402
 
 from daamkit.infra.checkpoint import atomic_write_bytes  # noqa: E402
 from daamkit.infra.errors import DaamkitError  # noqa: E402
@@ -38,14 +39,16 @@ def _outputs(result: DemoResult, stem: str, folder: Path) -> list:
 
 def build_app(models: Sequence[DemoModel]) -> gr.Blocks:
     """The demo page for one checkpoint, or two side by side (`--compare`)."""
-    examples = write_sample_photos(Path(tempfile.mkdtemp(prefix="daamkit-demo-samples-")))
+    # sample photos and per-request downloads; removed when the app is garbage-collected or the process exits
+    workdir = tempfile.TemporaryDirectory(prefix="daamkit-demo-")
+    examples = write_sample_photos(Path(workdir.name) / "samples")
     sizes = sorted({m.image_size for m in models})
     crop_label = f"crop: the center {'/'.join(map(str, sizes))} px (training size)"
 
     def predict(upload: str | None, region: str, progress=gr.Progress()):
         if not upload:
             raise gr.Error("Upload an image or pick one of the examples first.")
-        folder = Path(tempfile.mkdtemp(prefix="daamkit-demo-"))
+        folder = Path(tempfile.mkdtemp(dir=workdir.name))
         stem = Path(upload).stem
         values = []
         for index, model in enumerate(models):
@@ -56,14 +59,15 @@ def build_app(models: Sequence[DemoModel]) -> gr.Blocks:
                 result = model.run(upload, full=region == FULL, report=report)
             except DaamkitError as err:
                 raise gr.Error(str(err)) from err
-            except MemoryError as err:
+            except (MemoryError, torch.OutOfMemoryError) as err:
                 raise gr.Error("out of memory on this image: try the crop or a smaller image") from err
             suffix = f"_{index + 1}" if len(models) > 1 else ""
             values += _outputs(result, stem + suffix, folder)
         progress(1.0, desc="done")
         return values
 
-    with gr.Blocks(title="daamkit VQ-VAE demo", analytics_enabled=False) as app:
+    # Gradio's own copies of uploads and outputs older than an hour are deleted every hour
+    with gr.Blocks(title="daamkit VQ-VAE demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown("## daamkit · DAAM VQ-VAE reconstruction demo\n"
                     "Upload an image (or pick an example), choose the region, and press **Reconstruct**.")
         with gr.Row():
@@ -93,6 +97,7 @@ def build_app(models: Sequence[DemoModel]) -> gr.Blocks:
                                 file_count="multiple", interactive=False),
                     ]
         button.click(predict, inputs=[upload, region], outputs=outputs, api_name="reconstruct")
+    app.daamkit_workdir = workdir  # lives as long as the page
     return app
 
 
