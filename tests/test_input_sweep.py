@@ -97,6 +97,10 @@ SWEEP = [
     (["classify", "extract", "--task", "text-csv", "--data", "{root}/d", "--encoder", "e", "--out", "{root}/a_file.txt"],
      "a_file.txt is a file"),
     # inputs of the wrong kind
+    (["vqvae", "train", "--perceptual-weight", "0.1", "--image-size", "32", "--lpips-weights", "{root}/toml_dir",
+      "--out", "{root}/new"], "--lpips-weights {root}/toml_dir is a folder"),
+    (["vqvae", "train", "--perceptual-weight", "0.1", "--image-size", "32", "--lpips-weights", "{root}/a_file.txt",
+      "--out", "{root}/new"], "not a readable PyTorch weights file"),
     (["vqvae", "train", "--data", "{root}/a_file.txt", "--out", "{root}/new"], "is a file, not a folder"),
     (["vqvae", "evaluate", CKPT, "--data", "{root}/a_file.txt"], "is a file, not a folder"),
     (["vqvae", "evaluate", "{root}/a_file.txt"], "is a file, not a checkpoint folder"),
@@ -123,7 +127,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(world, args, message):
     result = invoke(*[a.format(root=world) for a in args])
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2, result.output
-    assert len(errors) == 1 and message in errors[0], result.output
+    assert len(errors) == 1 and message.format(root=world) in errors[0], result.output
     assert "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)  # a clean exit, not a crash
     assert snapshot(world) == before, "a refused command changed files on disk"

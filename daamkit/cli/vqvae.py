@@ -95,8 +95,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of options; command-line flags win."),
     as_json: bool = typer.Option(False, "--json", help="Print the final result as one JSON object."),
 ) -> None:
-    """Train the DAAM VQ-VAE (defaults: built-in photos, 1,000 steps, about 3 minutes on 2 idle CPU cores;
-    --steps 200 for a quick look)."""
+    """Train the DAAM VQ-VAE (defaults: built-in photos, 1,000 steps; --steps 200 for a quick look)."""
     from daamkit.vqvae.train import train as run_training
 
     values, given = options_with_config(ctx, config, exclude={"resume", "overwrite", "config", "as_json"})

@@ -56,6 +56,9 @@ def resolve_lpips_trunk(net: str = "alex", weights: str | Path | None = None) ->
     cache (when allowed and the network answers). DaamkitError naming the file and path otherwise."""
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise DaamkitError(f"`lpips_weights` {path} is a folder; give the trunk file itself "
+                               f"(torchvision's {lpips_trunk_path(net).name})")
         if not path.is_file():
             raise DaamkitError(f"`lpips_weights` {path} does not exist (expected torchvision's {lpips_trunk_path(net).name})")
         return path
@@ -101,7 +104,8 @@ def load_lpips(net: str = "alex", weights: str | Path | None = None, random_trun
         try:
             trunk_state = torch.load(trunk_file, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file becomes one user-facing line
-            raise DaamkitError(f"cannot read LPIPS trunk weights {trunk_file}: {err}") from err
+            raise DaamkitError(f"LPIPS trunk weights {trunk_file} are not a readable PyTorch weights file "
+                               f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
         _load_trunk(model.net, trunk_state, trunk_file)
     heads_file = Path(inspect.getfile(lpips.LPIPS)).parent / "weights" / "v0.1" / f"{net}.pth"
     heads_state = torch.load(heads_file, map_location="cpu", weights_only=True)
