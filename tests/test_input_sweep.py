@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from daamkit.cli.main import app
+from classify_caches import write_train_test_cache
 from test_vqvae_runs import TINY_ARGS, write_images
 
 runner = CliRunner()
@@ -58,6 +59,13 @@ def world(tmp_path_factory) -> Path:
                        "heads_bool": "heads = true\n", "epochs_text": 'epochs = "many"\n',
                        "unknown": "colour = 3\n"}.items():
         (root / f"{name}.toml").write_text(text)
+    cache = write_train_test_cache(root / "cache", num_train=24, num_test=8)
+    result = invoke("classify", "train", "--features", cache, "--decoder", "linear", "--epochs", "1", "--lr", "1e-3",
+                    "--out", root / "classify_run", "--quiet")
+    assert result.exit_code == 0, result.output
+    shutil.copytree(cache, root / "damaged_cache")
+    truncate(root / "damaged_cache" / "test" / "features.npy")
+    truncate(next((root / "classify_run").rglob("best/model.safetensors")))
     (root / "list_config").mkdir()
     (root / "list_config" / "config.json").write_text("[1, 2]\n")
     (root / "list_config" / "model.safetensors").write_bytes(b"")
@@ -111,6 +119,9 @@ SWEEP = [
     (["vqvae", "evaluate", "{root}/bad_weights"], "model.safetensors is damaged or truncated"),
     (["vqvae", "reconstruct", "{root}/bad_weights", "{root}/images", "--out", "{root}/new"], "damaged or truncated"),
     (["vqvae", "train", "--out", "{root}/bad_state_run", "--resume"], "state.pt is damaged or truncated"),
+    (["classify", "evaluate", "{root}/classify_run"], "model.safetensors is damaged or truncated"),
+    (["classify", "train", "--features", "{root}/damaged_cache", "--decoder", "linear", "--out", "{root}/new"],
+     "damaged_cache/test is damaged or truncated"),
     # a resumed run cannot go backwards
     (["vqvae", "train", "--out", "{root}/run", "--resume", "--steps", "1"], "--steps 1 is below the step"),
     (["vqvae", "reconstruct", CKPT, "{root}/images", "--out", "{root}/new", "--image-size", "0"],

@@ -145,9 +145,13 @@ class FeatureCache:
         for filename in (FEATURES_FILE, LABELS_FILE, ITEMS_FILE):
             if not (folder / filename).is_file():
                 raise DaamkitError(f"feature cache split {folder} is missing {filename}")
-        features = np.load(folder / FEATURES_FILE, mmap_mode="r")
-        labels = np.load(folder / LABELS_FILE)
-        items = json.loads((folder / ITEMS_FILE).read_text())
+        try:
+            features = np.load(folder / FEATURES_FILE, mmap_mode="r")
+            labels = np.load(folder / LABELS_FILE)
+            items = json.loads((folder / ITEMS_FILE).read_text())
+        except (ValueError, OSError, EOFError) as err:  # a truncated .npy, broken JSON (a ValueError)
+            raise DaamkitError(f"feature cache split {folder} is damaged or truncated ({type(err).__name__}: {err}); "
+                               "delete the split folder and rerun `daamkit classify extract`") from err
         expected = (info["num_items"], len(self.manifest["layers"]), self.manifest["hidden_size"])
         if features.shape != expected or labels.shape != (expected[0],) or len(items) != expected[0]:
             raise DaamkitError(
