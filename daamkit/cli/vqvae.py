@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -14,7 +15,7 @@ from daamkit.infra.errors import DaamkitError
 from daamkit.infra.progress import log
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig
 
-app = new_app("DAAM-enhanced VQ-VAE image tokenizer: train, evaluate, reconstruct, encode, decode, demo.")
+app = new_app("DAAM-enhanced VQ-VAE image tokenizer: train, compare, evaluate, reconstruct, encode, decode, demo.")
 
 _M, _T = VQVAEConfig(), TrainConfig()
 MODEL_KEYS = {f.name for f in fields(VQVAEConfig)}
@@ -61,7 +62,8 @@ def train(
     num_downsamples: int = typer.Option(_M.num_downsamples, help="Stride-2 blocks; tokens grid = image / 2^N."),
     num_embeddings: int = typer.Option(_M.num_embeddings, help="Codebook size."),
     embedding_dim: int = typer.Option(_M.embedding_dim, help="Code vector size."),
-    attention: str = typer.Option(_M.attention, help="daam (Mixture-DAAM residual blocks) or none (ablation)."),
+    attention: str = typer.Option(
+        _M.attention, help="Residual-block form: daam (the paper's), daam-gated, daam-gated-inner, or none (ablation)."),
     heads: int = typer.Option(_M.heads, help="Mixture-DAAM heads over the channel axis."),
     gaussians: int = typer.Option(_M.gaussians, help="Gaussians per Mixture-DAAM head."),
     ema: bool = typer.Option(_M.ema, "--ema/--no-ema", help="EMA codebook updates (else a codebook loss)."),
@@ -103,8 +105,7 @@ def train(
     if resume:
         model_config, train_config = _resume_configs(out_dir, values, given)
     else:
-        model_config = VQVAEConfig.from_dict({k: v for k, v in values.items() if k in MODEL_KEYS})
-        train_config = TrainConfig.from_dict({k: v for k, v in values.items() if k in TRAIN_KEYS})
+        model_config, train_config = _new_run_configs(values)
     result = run_training(model_config, train_config, out_dir, resume=resume, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps({"status": result.status, "step": result.step, "best_psnr": result.best_psnr,
@@ -115,6 +116,64 @@ def train(
     psnr = f"{result.metrics['psnr']:.2f} dB" if result.metrics else "n/a"
     log(f"done: step {result.step}, validation PSNR {psnr}; checkpoints in {result.paths.root / 'checkpoints'}, "
         f"pictures in {result.paths.samples}; monitor with `tensorboard --logdir {result.paths.tb}`")
+
+
+def _new_run_configs(values: dict[str, Any]) -> tuple[VQVAEConfig, TrainConfig]:
+    model_config = VQVAEConfig.from_dict({k: v for k, v in values.items() if k in MODEL_KEYS})
+    return model_config, TrainConfig.from_dict({k: v for k, v in values.items() if k in TRAIN_KEYS})
+
+
+# `train` options that `compare` sets itself (per run or per variant) instead of sharing them.
+COMPARE_OWN = {"ctx", "out", "resume", "overwrite", "as_json", "seed", "attention"}
+
+
+def _with_train_options(command):
+    """Give `command` every option of `train` except COMPARE_OWN, so a comparison's shared budget takes
+    exactly the options (and defaults) of a single run; the command receives them as **kwargs."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    shared = [p for name, p in inspect.signature(train).parameters.items() if name not in COMPARE_OWN]
+    command.__signature__ = inspect.Signature(own + shared)
+    command.__annotations__ = {**{p.name: train.__annotations__[p.name] for p in shared}, **command.__annotations__}
+    return command
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DaamkitError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+@_with_train_options
+def compare(
+    ctx: typer.Context,
+    variants: str = typer.Option("daam,daam-gated,none", help="Comma-separated --attention values to compare."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; every variant is trained once per seed."),
+    eval_data: Optional[str] = typer.Option(
+        None, help="Held-out images: a folder, a COCO root (val2017) or 'samples' (default: --data's held-out part)."),
+    out: Path = typer.Option(Path("runs/compare"), help="Folder of the runs (OUT/<variant>-seed<k>/) and the table."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as one JSON object."),
+    **shared: Any,
+) -> None:
+    """Train variants x seeds on one budget and data; tabulate held-out PSNR (mean +- std), SSIM, LPIPS,
+    codebook usage, perplexity, ms per train step and parameters into OUT/compare.{md,json}.
+
+    Every other option is `train`'s and applies to all runs. Finished runs are reused and interrupted
+    ones resumed, so a killed comparison continues where it stopped when run again.
+    """
+    from daamkit.vqvae.compare import compare as run_comparison, markdown_table
+
+    values, _ = options_with_config(ctx, shared.get("config"), exclude=COMPARE_OWN | {"config", "variants", "seeds",
+                                                                                       "eval_data"})
+    model_config, train_config = _new_run_configs(values)
+    names = [part.strip() for part in variants.split(",") if part.strip()]
+    comparison = run_comparison(model_config, train_config, names, _int_list(seeds, "--seeds"), out, eval_data)
+    typer.echo(json.dumps(comparison.to_dict()) if as_json else markdown_table(comparison).rstrip("\n"))
+    if comparison.status == "interrupted":
+        log(f"interrupted; run the same command again to continue the comparison in {out}")
+        raise typer.Exit(130)
+    log(f"table written to {out / 'compare.md'} and {out / 'compare.json'}")
 
 
 def _format_metrics(metrics: dict) -> str:

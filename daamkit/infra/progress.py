@@ -25,6 +25,7 @@ from rich.progress import (
 
 console = Console(stderr=True)
 _quiet = False
+_live: Progress | None = None  # the bar display being drawn; a bar opened inside another joins it as a row
 PLAIN_EVERY_SECONDS = 30.0
 PLAIN_EVERY_FRACTION = 0.05
 PLAIN_MIN_GAP_SECONDS = 1.0  # fast loops do not print a line per 5%
@@ -106,7 +107,9 @@ class _PlainTask:
 @contextmanager
 def progress_bar(description: str, total: int | None, completed: int = 0) -> Iterator[_Task]:
     """A Rich progress bar with count, elapsed time and ETA (plain lines when stderr is not a terminal); a
-    silent no-op when quiet."""
+    silent no-op when quiet. A bar opened while another is shown (a run inside a series of runs) is drawn
+    as a second row below it and removed when done."""
+    global _live
     if _quiet:
         yield _Task(None, None)
         return
@@ -114,6 +117,13 @@ def progress_bar(description: str, total: int | None, completed: int = 0) -> Ite
         task = _PlainTask(description, total, completed)
         yield task
         task.finish()
+        return
+    if _live is not None:
+        outer, task_id = _live, _live.add_task(description, total=total, completed=completed, info="")
+        try:
+            yield _Task(outer, task_id)
+        finally:
+            outer.remove_task(task_id)
         return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -128,4 +138,8 @@ def progress_bar(description: str, total: int | None, completed: int = 0) -> Ite
     )
     with progress:
         task_id = progress.add_task(description, total=total, completed=completed, info="")
-        yield _Task(progress, task_id)
+        _live = progress
+        try:
+            yield _Task(progress, task_id)
+        finally:
+            _live = None

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.typed_values import check_field_types
 
-ATTENTION_CHOICES = ("daam", "none")
+ATTENTION_CHOICES = ("daam", "daam-gated", "daam-gated-inner", "none")  # forms: daamkit.vqvae.model
 RECON_LOSSES = ("l1", "mse")
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 DISC_LOSSES = ("hinge", "non-saturating")
@@ -81,7 +81,7 @@ class VQVAEConfig:
         _require(self.init_c > 0, f"`init_c` must be positive, got {self.init_c}")
         _require(0.0 <= self.beta, f"`beta` must be >= 0, got {self.beta}")
         _require(0.0 < self.ema_decay < 1.0, f"`ema_decay` must be in (0, 1), got {self.ema_decay}")
-        if self.attention == "daam":
+        if self.attention != "none":
             smallest = min(self.channels)
             _require(self.heads <= smallest,
                      f"`heads` {self.heads} exceeds the smallest channel count {smallest}; lower `heads` or raise "

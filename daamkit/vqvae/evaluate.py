@@ -91,17 +91,24 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int |
     model, train_config = load_model(checkpoint_dir, device, raw_weights)
     size = resolve_image_size(model.config, train_config, image_size)
     dataset = evaluation_set(data, size)
-    lpips_model = None
+    return evaluate_model(model, dataset, device, batch_size,
+                          lpips_for_evaluation(lpips_net, size, device, lpips_weights)).metrics
+
+
+def lpips_for_evaluation(lpips_net: str, image_size: int, device: torch.device,
+                         lpips_weights: str | Path | None = None) -> torch.nn.Module | None:
+    """The LPIPS model for reported metrics, or None (said once) when its trunk can be neither found nor
+    downloaded or `image_size` is below its minimum: a metric is never computed with a random trunk."""
     if lpips_weights is not None and not Path(lpips_weights).is_file():
         raise DaamkitError(f"`lpips_weights` {lpips_weights} does not exist")
-    if size < LPIPS_MIN_SIZE:
-        log(f"lpips reported as null: images of {size} px are below its {LPIPS_MIN_SIZE} px minimum")
-    else:
-        try:
-            lpips_model = load_lpips(lpips_net, lpips_weights).to(device)
-        except DaamkitError as err:
-            log(f"lpips reported as null: {err}")
-    return evaluate_model(model, dataset, device, batch_size, lpips_model).metrics
+    if image_size < LPIPS_MIN_SIZE:
+        log(f"lpips reported as null: images of {image_size} px are below its {LPIPS_MIN_SIZE} px minimum")
+        return None
+    try:
+        return load_lpips(lpips_net, lpips_weights).to(device)
+    except DaamkitError as err:
+        log(f"lpips reported as null: {err}")
+        return None
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 4) -> np.ndarray:

@@ -1,8 +1,14 @@
 """The DAAM-enhanced VQ-VAE: encoder of DownSampleBlocks, vector quantizer, mirrored decoder of UpSampleBlocks.
 
-Each block ends in a residual block whose branch is re-weighted by Mixture-DAAM over the channel axis
-(`norm_axis=1`): `x + (h + MixtureDAAM(h))` with `h = conv(relu(gn(conv(x))))`. `attention="none"` drops
-only the Mixture-DAAM term, giving the identical network for the ablation.
+Each block ends in a residual block `x + a(h)` with `h = conv(relu(gn(conv(x))))`; `attention` picks how
+Mixture-DAAM (over the channel axis, `norm_axis=1`) re-weights the branch, `a`:
+
+- `daam` (the paper's form): `a(h) = h + MixtureDAAM(h) = h * (1 + mix)`, in every block.
+- `daam-gated`: `a(h) = h * (1 + alpha * (C_h * mix - 1))`, per-channel alpha initialised to 0, in every block;
+  `C_h * mix` has mean 1 over a head's C_h channels, so the network at initialisation equals `none`.
+- `daam-gated-inner`: the gated form only in the two blocks nearest the quantizer (the encoder's last and
+  the decoder's first), where the feature maps are smallest; the other blocks are plain.
+- `none`: `a(h) = h`, the identical network without DAAM (the ablation baseline).
 """
 
 from __future__ import annotations
@@ -23,36 +29,77 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
-class DAAMResidualBlock(nn.Module):
-    """`x + (h + MixtureDAAM(h))`, h = conv3x3(relu(gn(conv3x3(x)))); without DAAM: `x + h`."""
+def _mixture(config: VQVAEConfig) -> MixtureDensityAdaptiveAttention:
+    return MixtureDensityAdaptiveAttention(config.heads, config.gaussians, norm_axis=1, init_c=config.init_c)
+
+
+class GatedDAAM(nn.Module):
+    """`h * (1 + alpha * (C_h * mix - 1))`: a zero-initialised, per-channel gate on Mixture-DAAM's map `mix`.
+
+    `C_h` is the size of the channel's head, so `C_h * mix` has mean 1 per head and alpha = 0 (the
+    initialisation) is the identity: the network starts as `attention="none"` and learns how much DAAM to use.
+    """
 
     def __init__(self, channels: int, config: VQVAEConfig):
+        super().__init__()
+        self.mixture = _mixture(config)
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        # heads split the channels as the Mixture-DAAM does: equal parts, the last one taking the remainder
+        base = channels // config.heads
+        sizes = [base] * (config.heads - 1) + [channels - base * (config.heads - 1)]
+        head_size = torch.cat([torch.full((size,), float(size)) for size in sizes])
+        self.register_buffer("head_size", head_size, persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        _, mix = self.mixture(h, return_gate=True)
+        shape = (1, -1) + (1,) * (h.dim() - 2)
+        alpha, head_size = self.alpha.view(shape), self.head_size.view(shape)
+        return h * (1 + alpha * (head_size * mix.to(h.dtype) - 1))
+
+
+class DAAMResidualBlock(nn.Module):
+    """`x + a(h)`, h = conv3x3(relu(gn(conv3x3(x)))); `a` is one of the module docstring's forms."""
+
+    def __init__(self, channels: int, config: VQVAEConfig, form: str):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.norm = _group_norm(channels)
         self.act = nn.ReLU()
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.attention = (
-            MixtureDensityAdaptiveAttention(config.heads, config.gaussians, norm_axis=1, init_c=config.init_c)
-            if config.attention == "daam" else None
-        )
+        self.form = form
+        self.attention: nn.Module | None = None
+        if form == "daam":
+            self.attention = _mixture(config)
+        elif form == "gated":
+            self.attention = GatedDAAM(channels, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv2(self.act(self.norm(self.conv1(x))))
-        if self.attention is not None:
+        if self.form == "daam":
             h = h + self.attention(h)
+        elif self.form == "gated":
+            h = self.attention(h)
         return x + h
+
+
+def block_forms(config: VQVAEConfig) -> list[str]:
+    """The residual-block form ("daam", "gated" or "none") of each down-sampling block, outermost first;
+    the decoder's up-sampling blocks mirror it."""
+    n = config.num_downsamples
+    if config.attention == "daam-gated-inner":
+        return ["none"] * (n - 1) + ["gated"]
+    return [{"daam": "daam", "daam-gated": "gated", "none": "none"}[config.attention]] * n
 
 
 class _ResampleBlock(nn.Module):
     """`conv` (stride 2) -> GroupNorm -> ReLU -> DAAM residual block."""
 
-    def __init__(self, conv: nn.Module, out_channels: int, config: VQVAEConfig):
+    def __init__(self, conv: nn.Module, out_channels: int, config: VQVAEConfig, form: str):
         super().__init__()
         self.conv = conv
         self.norm = _group_norm(out_channels)
         self.act = nn.ReLU()
-        self.residual = DAAMResidualBlock(out_channels, config)
+        self.residual = DAAMResidualBlock(out_channels, config, form)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.residual(self.act(self.norm(self.conv(x))))
@@ -61,15 +108,16 @@ class _ResampleBlock(nn.Module):
 class DownSampleBlock(_ResampleBlock):
     """Conv stride 2 -> GroupNorm -> ReLU -> DAAM residual block (halves H and W)."""
 
-    def __init__(self, in_channels: int, out_channels: int, config: VQVAEConfig):
-        super().__init__(nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1), out_channels, config)
+    def __init__(self, in_channels: int, out_channels: int, config: VQVAEConfig, form: str):
+        super().__init__(nn.Conv2d(in_channels, out_channels, 4, stride=2, padding=1), out_channels, config, form)
 
 
 class UpSampleBlock(_ResampleBlock):
     """ConvTranspose stride 2 -> GroupNorm -> ReLU -> DAAM residual block (doubles H and W)."""
 
-    def __init__(self, in_channels: int, out_channels: int, config: VQVAEConfig):
-        super().__init__(nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1), out_channels, config)
+    def __init__(self, in_channels: int, out_channels: int, config: VQVAEConfig, form: str):
+        super().__init__(nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1), out_channels, config,
+                         form)
 
 
 class Encoder(nn.Module):
@@ -77,9 +125,10 @@ class Encoder(nn.Module):
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
-        ch = config.channels
+        ch, forms = config.channels, block_forms(config)
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
-        self.blocks = nn.Sequential(*(DownSampleBlock(ch[i], ch[i + 1], config) for i in range(config.num_downsamples)))
+        self.blocks = nn.Sequential(*(DownSampleBlock(ch[i], ch[i + 1], config, forms[i])
+                                      for i in range(config.num_downsamples)))
         self.conv_out = nn.Conv2d(ch[-1], config.embedding_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +140,10 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
-        ch = config.channels
+        ch, forms = config.channels, block_forms(config)
         self.conv_in = nn.Conv2d(config.embedding_dim, ch[-1], 1)
-        self.blocks = nn.Sequential(*(UpSampleBlock(ch[i + 1], ch[i], config) for i in reversed(range(config.num_downsamples))))
+        self.blocks = nn.Sequential(*(UpSampleBlock(ch[i + 1], ch[i], config, forms[i])
+                                      for i in reversed(range(config.num_downsamples))))
         self.conv_out = nn.Conv2d(ch[0], config.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -169,6 +219,6 @@ class VQVAE(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def daam_parameters(self) -> dict[str, torch.Tensor]:
-        """Named Mixture-DAAM parameters (for TensorBoard histograms); empty for attention="none"."""
+        """Named Mixture-DAAM parameters and gates' alpha (for TensorBoard histograms); empty for attention="none"."""
         return {name: p for name, p in self.named_parameters() if ".attention." in name}
 

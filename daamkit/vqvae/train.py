@@ -12,6 +12,7 @@ import math
 import shutil
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class TrainResult:
     best_psnr: float | None
     metrics: dict | None             # validation metrics at the last evaluation of this run
     paths: RunPaths
+    train_seconds: float = 0.0       # wall-clock spent in optimizer steps 1..step (kept across resumes)
 
 
 class WarmupCosine:
@@ -176,6 +178,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
         self.step, self.best_psnr, self.stop_agreed = 0, None, False
+        self.train_seconds = 0.0
         discriminator = disc_optimizer = None
         if config.gan:
             discriminator = PatchDiscriminator(model_config.in_channels, config.disc_channels, config.disc_layers).to(device)
@@ -226,6 +229,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.lr_lambdas[0].total = self.config.steps  # --steps may be extended on resume
         self.step, self.best_psnr = int(state["step"]), state["best_psnr"]
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         if discriminator is not None:
             load_state_dict_strict(discriminator, load_weights(last, name=DISC_WEIGHTS_FILE), str(last))
             disc_optimizer.load_state_dict(state["disc_optimizer"])
@@ -244,6 +248,7 @@ class Trainer:
         state = {
             "step": self.step,
             "best_psnr": self.best_psnr,
+            "train_seconds": self.train_seconds,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -448,7 +453,9 @@ class Trainer:
                     images, failures = next(batches)
                     images = images.to(self.accelerator.device, non_blocking=True)
                     self._note_failures(failures)
+                    started = time.perf_counter()
                     stats = self._train_step(images, stop)
+                    self.train_seconds += time.perf_counter() - started
                     self.step += 1
                     if self.writer is not None and (self.step % config.log_every == 0 or self.step == 1):
                         self._log_train(stats)
@@ -469,7 +476,7 @@ class Trainer:
                 self.writer.close()
         if self.skipped:
             log(f"{len(self.skipped)} image file(s) were skipped; each is listed with its reason in {self.paths.skipped}")
-        return TrainResult(status, self.step, self.best_psnr, metrics, self.paths)
+        return TrainResult(status, self.step, self.best_psnr, metrics, self.paths, self.train_seconds)
 
 
 def train(model_config: VQVAEConfig, config: TrainConfig, out_dir: str | Path, resume: bool = False,
