@@ -1,11 +1,11 @@
 """Build the real-photograph folders of the README's `vqvae compare` study from photos that ship inside
 installed Python packages (none of them in scikit-image, so none in `--data samples`).
 
-    python benchmarks/make_photo_folders.py OUT   # writes OUT/train/*.png and OUT/heldout/*.png
+    python benchmarks/make_photo_folders.py OUT [--tile 64]   # writes OUT/train/*.png and OUT/heldout/*.png
 
 Training photos: scikit-learn's china.jpg and flower.jpg, matplotlib's grace_hopper.jpg, Gradio's
 cheetah.jpg and tower.jpg. Held-out photos (never trained on): Gradio's lion.jpg and cheetah1.jpg, cut into
-non-overlapping 64x64 tiles so the evaluation has many images. Every photo is first resized so its shorter
+non-overlapping `--tile`-sized squares (the training crop size) so the evaluation has many images. Every photo is first resized so its shorter
 side is 256 px, like the built-in samples. Needs scikit-learn, matplotlib and Gradio (the `[demo]` extra).
 """
 
@@ -17,7 +17,6 @@ from pathlib import Path
 from PIL import Image
 
 SHORTER_SIDE = 256
-TILE = 64
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -49,6 +48,7 @@ def _resized(path: Path) -> Image.Image:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
+    parser.add_argument("--tile", type=int, default=64, help="held-out tile size in pixels (default 64)")
     args = parser.parse_args()
     train, held_out = _photos()
     (args.out / "train").mkdir(parents=True, exist_ok=True)
@@ -58,9 +58,9 @@ def main() -> None:
     tiles = 0
     for path in held_out:
         image = _resized(path)
-        for top in range(0, image.height - TILE + 1, TILE):
-            for left in range(0, image.width - TILE + 1, TILE):
-                image.crop((left, top, left + TILE, top + TILE)).save(args.out / "heldout" / f"{path.stem}_{top}_{left}.png")
+        for top in range(0, image.height - args.tile + 1, args.tile):
+            for left in range(0, image.width - args.tile + 1, args.tile):
+                image.crop((left, top, left + args.tile, top + args.tile)).save(args.out / "heldout" / f"{path.stem}_{top}_{left}.png")
                 tiles += 1
     print(f"{len(train)} training photos in {args.out / 'train'}, {tiles} held-out tiles in {args.out / 'heldout'}")
 
