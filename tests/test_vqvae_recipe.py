@@ -151,3 +151,50 @@ def test_lpips_download_when_offline_is_one_line_naming_file_path_and_the_way_ou
                  "--perceptual-weight 0"):
         assert part in line, part
     assert not (tmp_path / "run").exists()
+
+
+TINY_NET = ["--base-channels", "8", "--num-downsamples", "2", "--embedding-dim", "4", "--num-embeddings", "16",
+            "--heads", "2", "--gaussians", "2", "--batch-size", "2", "--mixed-precision", "no"]
+
+
+def test_dry_run_reads_no_data_writes_nothing_and_projects_the_cost(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_cache"))  # LPIPS on: a random trunk, no file needed
+    result = invoke("vqvae", "train", "--data", tmp_path / "no_such_folder", "--out", tmp_path / "run", "--dry-run",
+                    "--image-size", "32", "--steps", "1000", "--perceptual-weight", "1", "--lpips-net", "alex", "--disc-weight", "0.5",
+                    "--disc-start", "500", "--disc-layers", "2", "--weight-ema", "0.99", *TINY_NET)
+    assert result.exit_code == 0, result.output
+    assert list(tmp_path.iterdir()) == []
+    for label in ("parameters", "(+ discriminator", "tokens per image  64 (8 x 8)", "ms per step", "peak memory",
+                  "for 1,000 steps"):
+        assert label in result.stdout, label
+    result = invoke("vqvae", "train", "--dry-run", "--json", "--image-size", "16", "--steps", "10", *TINY_NET)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ms_per_step"] > 0 and report["peak_memory_gib"] > 0 and report["discriminator_parameters"] == 0
+    assert report["projected_hours"] == pytest.approx(10 * report["ms_per_step"] / 3.6e6)
+
+
+def test_presets_are_listed_and_used_with_flags_winning(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "DRY_RUN_STEPS", 1)  # the presets' values are what is checked here
+    listing = invoke("vqvae", "presets")
+    assert listing.exit_code == 0
+    assert [line.split()[0] for line in listing.stdout.splitlines()[:3]] == ["coco-f8", "paper-coco", "samples-cpu"]
+    config = tmp_path / "mine.toml"
+    config.write_text("steps = 7\n")
+    shrink = ["--image-size", "32", "--disc-layers", "2", "--num-embeddings", "16", "--embedding-dim", "4",
+              "--lpips-net", "alex"]
+    for preset, steps in (("paper-coco", 100000), ("coco-f8", 200000), ("samples-cpu", 1000)):
+        result = invoke("vqvae", "train", "--preset", preset, "--dry-run", "--json", "--base-channels", "8",
+                        "--batch-size", "1", "--heads", "2", "--gaussians", "2", "--mixed-precision", "no", *shrink)
+        assert result.exit_code == 0, (preset, result.output)
+        report = json.loads(result.stdout)
+        assert report["steps"] == steps
+        assert report["tokens_per_image"] == (32 // (8 if preset != "samples-cpu" else 4)) ** 2
+        assert (report["discriminator_parameters"] > 0) == (preset == "coco-f8")
+    with_file = invoke("vqvae", "train", "--preset", "paper-coco", "--config", config, "--dry-run", "--json",
+                       "--base-channels", "8", "--batch-size", "1", "--heads", "2", "--mixed-precision", "no", *shrink)
+    assert with_file.exit_code == 0, with_file.output
+    assert json.loads(with_file.stdout)["steps"] == 7  # --config wins over the preset
+    unknown = invoke("vqvae", "train", "--preset", "nope", "--dry-run")
+    assert unknown.exit_code == 2 and "--preset 'nope' does not exist; choose one of coco-f8" in unknown.output

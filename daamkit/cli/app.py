@@ -89,14 +89,17 @@ def option_types(ctx: click.Context) -> dict[str, Any]:
     return {name: hints.get(name, Any) for name in ctx.params}
 
 
-def options_with_config(ctx: click.Context, config: Path | None, exclude: set[str] = frozenset()) -> tuple[dict[str, Any], set[str]]:
-    """This command's option values with `--config FILE.toml` filling the ones not typed (flags win), each
-    file value type-checked against the option's type; also the names set by the user (flags or file)."""
+def options_with_config(ctx: click.Context, config: Path | None, exclude: set[str] = frozenset(),
+                        preset: Path | None = None) -> tuple[dict[str, Any], set[str]]:
+    """This command's option values with `--config FILE.toml` filling the ones not typed (flags win), then a
+    preset file filling what neither set; each file value type-checked against the option's type. Also
+    returns the names set by the user (flags or files)."""
     values = {key: value for key, value in ctx.params.items() if key not in exclude}
     given = explicit_options(ctx)
-    if config is None:
-        return values, given
     hints = option_types(ctx)
-    from_file = read_toml(config, {key: hints[key] for key in values})
-    values.update({key: value for key, value in from_file.items() if key not in given})
-    return values, given | set(from_file)
+    for layer in (config, preset):
+        if layer is not None:
+            from_file = read_toml(layer, {key: hints[key] for key in values})
+            values.update({key: value for key, value in from_file.items() if key not in given})
+            given = given | set(from_file)
+    return values, given

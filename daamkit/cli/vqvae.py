@@ -95,17 +95,27 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out (exactly)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of options; command-line flags win."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="A shipped preset (`daamkit vqvae presets`); --config and flags win over it."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Read no data, write nothing: time 3 steps on random images, project the run's cost."),
     as_json: bool = typer.Option(False, "--json", help="Print the final result as one JSON object."),
 ) -> None:
     """Train the DAAM VQ-VAE (defaults: built-in photos, 1,000 steps; --steps 200 for a quick look)."""
+    from daamkit.vqvae.presets import preset_path
     from daamkit.vqvae.train import train as run_training
 
-    values, given = options_with_config(ctx, config, exclude={"resume", "overwrite", "config", "as_json"})
+    values, given = options_with_config(ctx, config, exclude={"resume", "overwrite", "config", "preset", "dry_run",
+                                                              "as_json"},
+                                        preset=preset_path(preset) if preset else None)
     out_dir = Path(values.pop("out"))
     if resume:
         model_config, train_config = _resume_configs(out_dir, values, given)
     else:
         model_config, train_config = _new_run_configs(values)
+    if dry_run:
+        _print_dry_run(model_config, train_config, as_json)
+        return
     result = run_training(model_config, train_config, out_dir, resume=resume, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps({"status": result.status, "step": result.step, "best_psnr": result.best_psnr,
@@ -124,7 +134,7 @@ def _new_run_configs(values: dict[str, Any]) -> tuple[VQVAEConfig, TrainConfig]:
 
 
 # `train` options that `compare` sets itself (per run or per variant) instead of sharing them.
-COMPARE_OWN = {"ctx", "out", "resume", "overwrite", "as_json", "seed", "attention"}
+COMPARE_OWN = {"ctx", "out", "resume", "overwrite", "as_json", "seed", "attention", "dry_run"}
 
 
 def _with_train_options(command):
@@ -164,8 +174,12 @@ def compare(
     """
     from daamkit.vqvae.compare import compare as run_comparison, markdown_table
 
-    values, _ = options_with_config(ctx, shared.get("config"), exclude=COMPARE_OWN | {"config", "variants", "seeds",
-                                                                                       "eval_data"})
+    from daamkit.vqvae.presets import preset_path
+
+    preset = shared.get("preset")
+    values, _ = options_with_config(ctx, shared.get("config"),
+                                    exclude=COMPARE_OWN | {"config", "preset", "variants", "seeds", "eval_data"},
+                                    preset=preset_path(preset) if preset else None)
     model_config, train_config = _new_run_configs(values)
     names = [part.strip() for part in variants.split(",") if part.strip()]
     comparison = run_comparison(model_config, train_config, names, _int_list(seeds, "--seeds"), out, eval_data)
@@ -174,6 +188,38 @@ def compare(
         log(f"interrupted; run the same command again to continue the comparison in {out}")
         raise typer.Exit(130)
     log(f"table written to {out / 'compare.md'} and {out / 'compare.json'}")
+
+
+def _print_dry_run(model_config: VQVAEConfig, train_config: TrainConfig, as_json: bool) -> None:
+    from daamkit.vqvae.train import DRY_RUN_STEPS, dry_run
+
+    report = dry_run(model_config, train_config)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    side = train_config.image_size // model_config.downsample_factor
+    disc = report["discriminator_parameters"]
+    hours = report["projected_hours"]
+    typer.echo("\n".join([
+        f"dry run on {report['device']}: {DRY_RUN_STEPS} steps on random {train_config.image_size} px images, "
+        f"batch {train_config.batch_size}; no data read, nothing written",
+        f"parameters        {report['parameters']:,}" + (f" (+ discriminator {disc:,})" if disc else ""),
+        f"tokens per image  {report['tokens_per_image']:,} ({side} x {side})",
+        f"ms per step       {report['ms_per_step']:.1f} (median after the first step; every loss of the recipe on)",
+        f"peak memory       {report['peak_memory_gib']:.2f} GiB ({report['peak_memory_kind']})",
+        f"projected time    {hours:.2f} h for {report['steps']:,} steps"
+        + (f" ({hours / 24:.1f} days)" if hours >= 48 else "") + " on this device, one process",
+    ]))
+
+
+@app.command()
+def presets() -> None:
+    """List the training presets shipped with daamkit (use one with `train --preset NAME`)."""
+    from daamkit.vqvae.presets import preset_description, preset_names, preset_path
+
+    for name in preset_names():
+        typer.echo(f"{name:<12} {preset_description(name)}")
+    typer.echo(f"files: {preset_path(preset_names()[0]).parent}")
 
 
 def _format_metrics(metrics: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import signal
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -146,9 +147,11 @@ def _prepare_out_dir(paths: RunPaths, resume: bool, overwrite: bool) -> None:
 
 
 class Trainer:
-    """One training run; `run()` drives the loop. Built by `train()`."""
+    """One training run; `run()` drives the loop. Built by `train()`, or by `dry_run()` with `dry_run=True`:
+    then no data is read, nothing is written, and LPIPS keeps a random trunk (same cost, no file needed)."""
 
-    def __init__(self, model_config: VQVAEConfig, config: TrainConfig, out_dir: str | Path, resume: bool):
+    def __init__(self, model_config: VQVAEConfig, config: TrainConfig, out_dir: str | Path, resume: bool,
+                 dry_run: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -158,17 +161,17 @@ class Trainer:
             raise DaamkitError(f"`perceptual_weight` > 0 needs `image_size` >= {LPIPS_MIN_SIZE} (the LPIPS trunk "
                                "down-samples 32x)")
         self.model_config, self.config, self.paths = model_config, config, RunPaths(Path(out_dir))
-        self.lpips = self._perceptual_model() if config.perceptual_weight > 0 else None
+        self.lpips = self._perceptual_model(dry_run) if config.perceptual_weight > 0 else None
         # Without a GPU, cpu=True lets torchrun / `accelerate launch` start a gloo process group (DDP on CPU).
         no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=no_accelerator)
         self.is_main = self.accelerator.is_main_process
         if not self.is_main:
             set_quiet(True)
-        self.splits = training_splits(config.data, config.image_size, config.seed)
+        self.splits = None if dry_run else training_splits(config.data, config.image_size, config.seed)
         # every file left out, by name: the scan's, those that failed when first decoded, and (on resume)
         # those an earlier part of the run had already listed
-        self.skipped = {str(path): reason for path, reason in self.splits.skipped}
+        self.skipped = {str(path): reason for path, reason in self.splits.skipped} if self.splits else {}
         if resume:
             self.skipped = {**read_skipped_list(self.paths.skipped), **self.skipped}
         set_seed(config.seed)
@@ -199,15 +202,15 @@ class Trainer:
         if discriminator is not None:  # its own DDP wrapper and optimizer
             self.discriminator, self.disc_optimizer = self.accelerator.prepare(discriminator, disc_optimizer)
         self.writer = None
-        if self.is_main:
+        if self.is_main and not dry_run:
             from torch.utils.tensorboard import SummaryWriter
 
             # A killed run may have logged past its checkpoint: purge only the steps after it.
             self.writer = SummaryWriter(str(self.paths.tb), purge_step=self.step + 1 if resume else None)
 
-    def _perceptual_model(self) -> torch.nn.Module:
+    def _perceptual_model(self, random_trunk: bool) -> torch.nn.Module:
         try:
-            return load_lpips(self.config.lpips_net, self.config.lpips_weights)
+            return load_lpips(self.config.lpips_net, self.config.lpips_weights, random_trunk)
         except DaamkitError as err:
             raise DaamkitError(f"{err}; or train with `perceptual_weight` 0") from err
 
@@ -479,12 +482,74 @@ class Trainer:
         return TrainResult(status, self.step, self.best_psnr, metrics, self.paths, self.train_seconds)
 
 
-def train(model_config: VQVAEConfig, config: TrainConfig, out_dir: str | Path, resume: bool = False,
-          overwrite: bool = False) -> TrainResult:
-    """Train (or with `resume`, continue) a VQ-VAE run in `out_dir`; returns how it ended."""
+    def measure(self, steps: int) -> dict[str, float | int]:
+        """Run `steps` train steps on random images of the configured size with every loss of the recipe
+        active (the step counter is set to `disc_start`); time the steps after the first (warm-up)."""
+        device = self.accelerator.device
+        shape = (self.config.batch_size, self.model_config.in_channels, self.config.image_size, self.config.image_size)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.step, seconds, stop = self.config.disc_start, [], _StopRequest()
+        for _ in range(steps):
+            images = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+            _synchronize(device)
+            start = time.perf_counter()
+            self._train_step(images, stop)
+            _synchronize(device)
+            seconds.append(time.perf_counter() - start)
+            self.step += 1
+        ms_per_step = 1000 * statistics.median(seconds[1:] or seconds)
+        tokens = (self.config.image_size // self.model_config.downsample_factor) ** 2
+        return {
+            "parameters": self.raw_model.num_parameters(),
+            "discriminator_parameters": (sum(p.numel() for p in self.raw_discriminator.parameters())
+                                         if self.raw_discriminator is not None else 0),
+            "tokens_per_image": tokens,
+            "ms_per_step": ms_per_step,
+            "peak_memory_gib": _peak_memory_gib(device),
+            "peak_memory_kind": "CUDA allocated" if device.type == "cuda" else "process resident set",
+            "device": str(device),
+            "steps": self.config.steps,
+            "projected_hours": self.config.steps * ms_per_step / 3.6e6,
+        }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on `device`, or on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+DRY_RUN_STEPS = 3
+
+
+def dry_run(model_config: VQVAEConfig, config: TrainConfig) -> dict[str, float | int]:
+    """What a run would cost, measured without data and without writing anything: builds the model (and
+    the discriminator / LPIPS of the recipe), runs DRY_RUN_STEPS steps on random images, and projects the
+    time of `steps` steps from the median of the steps after the first."""
+    _check_image_size(model_config, config)
+    return Trainer(model_config, config, Path("."), resume=False, dry_run=True).measure(DRY_RUN_STEPS)
+
+
+def _check_image_size(model_config: VQVAEConfig, config: TrainConfig) -> None:
     if config.image_size % model_config.downsample_factor:
         raise DaamkitError(f"`image_size` {config.image_size} must be a multiple of {model_config.downsample_factor} "
                            f"(2^num-downsamples)")
+
+
+def train(model_config: VQVAEConfig, config: TrainConfig, out_dir: str | Path, resume: bool = False,
+          overwrite: bool = False) -> TrainResult:
+    """Train (or with `resume`, continue) a VQ-VAE run in `out_dir`; returns how it ended."""
+    _check_image_size(model_config, config)
     paths = RunPaths(Path(out_dir))
     _prepare_out_dir(paths, resume, overwrite)
     if resume:
