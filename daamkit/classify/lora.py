@@ -289,8 +289,9 @@ class _LoRASplitJob:
 
 def _open_job(settings: dict, out_dir: Path, cpu: bool) -> tuple[_Job, nn.Module, list[SplitPlan]]:
     """The encoder, data (in cache row order), folds/runs and accelerator of a LoRA run's settings."""
-    frozen = FrozenEncoder.from_pretrained(settings["encoder_path"], dtype=settings["dtype"], device="cpu",
-                                           trust_remote_code=settings["trust_remote_code"])
+    # runs written before `encoder_path` was recorded name the encoder only
+    frozen = FrozenEncoder.from_pretrained(settings.get("encoder_path", settings.get("encoder")), dtype=settings["dtype"],
+                                           device="cpu", trust_remote_code=settings.get("trust_remote_code", False))
     data = load_task(settings["task"], settings["data"], sampling_rate=frozen.sampling_rate or 16000,
                      max_items=settings["max_items"])
     data = replace(data, splits={name: in_cache_order(split, data.modality) for name, split in data.splits.items()})
