@@ -17,7 +17,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from daamkit.classify.run_config import DEFAULT_DEV_FRACTION
 from daamkit.infra.errors import DaamkitError
 
 
