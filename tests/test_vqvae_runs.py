@@ -283,15 +283,31 @@ def test_checkpoint_of_another_shape_is_refused(trained, tmp_path):
     assert result.exit_code == 2 and "does not fit this model" in result.output
 
 
-def test_two_process_gloo_run(image_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "daamkit.cli.main",
-               "vqvae", "train", "--data", str(image_dir), "--out", str(tmp_path / "ddp"), "--steps", "2",
-               "--eval-every", "2", *TINY_ARGS]
+def test_two_process_gloo_run(tmp_path):
+    """DDP on CPU; files that fail when first decoded on the second process reach skipped.txt too."""
+    data = tmp_path / "images"
+    good = write_images(data, 2)  # img0.png trains, nested/img1.png (last in order) is held out
+    for i in range(4):  # headers intact, pixel data cut: they pass a header-only scan and fail on use
+        (data / f"cut{i}.png").write_bytes(good[0].read_bytes()[:80])
+    # training files in order: cut0..cut3, img0; with batch 1 each process starts at its own index and, on a
+    # failure, tries the next. Pick a seed where process 1 starts before process 0, so it alone meets cut<i1>.
+    seed = next(s for s in range(100) if next(iter(StepBatchSampler(5, 1, s, rank=1, world_size=2)))[0][0]
+                < next(iter(StepBatchSampler(5, 1, s, rank=0, world_size=2)))[0][0])
+    first = next(iter(StepBatchSampler(5, 1, seed, rank=1, world_size=2)))[0][0]
+    launcher = tmp_path / "launch.py"  # runs the CLI as if the folder were too large to decode when scanned
+    launcher.write_text("import daamkit.vqvae.data as d; d.FULL_DECODE_LIMIT = 0\n"
+                        "from daamkit.cli.main import main; main()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+               "vqvae", "train", "--data", str(data), "--out", str(tmp_path / "ddp"), "--steps", "2",
+               "--eval-every", "2", *TINY_ARGS, "--batch-size", "1", "--seed", str(seed)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "processes=2" in " ".join(done.stderr.split())
     assert load_training_state(tmp_path / "ddp" / "checkpoints" / "last")["step"] == 2
+    listed = (tmp_path / "ddp" / "skipped.txt").read_text()
+    assert f"cut{first}.png\tunreadable" in listed
 
 
 def test_training_library_errors_are_daamkit_errors(tmp_path):

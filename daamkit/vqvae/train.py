@@ -172,6 +172,7 @@ class Trainer:
         # every file left out, by name: the scan's, those that failed when first decoded, and (on resume)
         # those an earlier part of the run had already listed
         self.skipped = {str(path): reason for path, reason in self.splits.skipped} if self.splits else {}
+        self._pending_failures: list[tuple[str, str]] = []  # this process's, not yet gathered
         if resume:
             self.skipped = {**read_skipped_list(self.paths.skipped), **self.skipped}
         set_seed(config.seed)
@@ -432,8 +433,14 @@ class Trainer:
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=collate_train,
                           pin_memory=self.accelerator.device.type == "cuda", generator=torch.Generator())
 
-    def _note_failures(self, failures: list[tuple[str, str]]) -> None:
-        """Files that failed when first decoded: warned about once, added to skipped.txt at the next save."""
+    def _gather_failures(self) -> None:
+        """Files that failed when first decoded, on any process, reach the main one (one gather, called by
+        every process at the same steps); each is warned about once and listed in skipped.txt."""
+        failures, self._pending_failures = self._pending_failures, []
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            failures = gather_object(failures)
         for name, reason in failures:
             if name not in self.skipped:
                 self.skipped[name] = reason
@@ -455,15 +462,19 @@ class Trainer:
                 while self.step < config.steps:
                     images, failures = next(batches)
                     images = images.to(self.accelerator.device, non_blocking=True)
-                    self._note_failures(failures)
+                    self._pending_failures += failures
                     started = time.perf_counter()
                     stats = self._train_step(images, stop)
                     self.train_seconds += time.perf_counter() - started
                     self.step += 1
-                    if self.writer is not None and (self.step % config.log_every == 0 or self.step == 1):
+                    logging_step = self.step % config.log_every == 0 or self.step == 1
+                    eval_step = self.step % config.eval_every == 0 or self.step == config.steps
+                    if logging_step or eval_step or self.stop_agreed:
+                        self._gather_failures()
+                    if self.writer is not None and logging_step:
                         self._log_train(stats)
                     task.advance(loss=stats["loss"], psnr=stats["psnr"])
-                    if self.step % config.eval_every == 0 or self.step == config.steps:
+                    if eval_step:
                         metrics, evaluated_at = self._validate(), self.step
                     if self.stop_agreed:
                         self._save_last()
