@@ -5,6 +5,8 @@ Prints ratios measured in one run (this machine is noisy, so absolute times matt
     and vs a loop over heads and Gaussians with the literal product of Gaussians (the authors' style);
   * Algorithm 1 (8 heads, layer axis) on (64, 24, 1024) vs nn.LayerNorm(1024) and vs a loop over heads;
 each eager and under torch.compile. Run: `python benchmarks/bench_daam.py [--quick] [--repeats N]`.
+`--channels-last` gives the image benchmarks channels-last input (Mixture-DAAM then runs on its no-copy
+view, 32-channel heads) and adds, eager, the same module forced onto a contiguous copy.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from daamkit.common import DensityAdaptiveAttention, MixtureDensityAdaptiveAttention
+from daamkit.common import heads
 
 
 class LoopMixture(nn.Module):
@@ -63,6 +66,21 @@ class LoopDensityAttention(nn.Module):
         return torch.cat(outputs, dim=self.norm_axis)
 
 
+class ContiguousCopy(nn.Module):
+    """A DAAM module forced to run on a contiguous copy of its input, whatever its head width."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        saved, heads.CPU_MIN_VIEW_HEAD = heads.CPU_MIN_VIEW_HEAD, 10**9
+        try:
+            return self.module(x)
+        finally:
+            heads.CPU_MIN_VIEW_HEAD = saved
+
+
 def fwd_bwd_seconds(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     """Seconds of one forward+backward pass."""
     x.grad = None
@@ -72,15 +90,17 @@ def fwd_bwd_seconds(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> f
     return time.perf_counter() - start
 
 
-def compare(title: str, shape: tuple[int, ...], candidates: dict[str, nn.Module], repeats: int) -> dict[str, float]:
-    """Median fwd+bwd time of every candidate on the same tensor, printed with ratios to 'daamkit'.
+def compare(title: str, shape: tuple[int, ...], candidates: dict[str, nn.Module], repeats: int,
+            layout: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+    """Median fwd+bwd time of every candidate on the same tensor (in `layout`), printed with ratios to
+    'daamkit'.
 
     Candidates run round-robin (two warm-up rounds, which also compile), so a change in machine load
     during the run hits all of them alike.
     """
     torch.manual_seed(0)
-    x = torch.randn(shape, requires_grad=True)
-    grad = torch.randn(shape)
+    x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+    grad = torch.randn(shape).contiguous(memory_format=layout)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for round_index in range(repeats + 2):
         for name, module in candidates.items():
@@ -106,6 +126,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller tensors (smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last input for the image benchmarks")
     args = parser.parse_args()
     image_shape = (4, 256, 16, 16) if args.quick else (32, 256, 32, 32)
     layer_shape = (8, 24, 1024) if args.quick else (64, 24, 1024)
@@ -113,26 +134,33 @@ def main() -> None:
 
     mixture, group_norm, loop_mix = MixtureDensityAdaptiveAttention(8, 4, norm_axis=1), nn.GroupNorm(8, 256), LoopMixture(8, 4)
     daam, layer_norm, loop_daam = DensityAdaptiveAttention(8, 1024, 1, -1), nn.LayerNorm(1024), LoopDensityAttention(8, 1024)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    image_title = "channels-last" if args.channels_last else "contiguous"
+    eager_mix = {"daamkit": mixture, "nn.GroupNorm(8)": group_norm, "loop heads x Gaussians": loop_mix}
+    if args.channels_last:
+        eager_mix["daamkit on a contiguous copy"] = ContiguousCopy(mixture)
     results = {}
-    results["mix_eager"] = compare("Mixture-DAAM 8x4, channel axis, eager", image_shape,
-                                   {"daamkit": mixture, "nn.GroupNorm(8)": group_norm, "loop heads x Gaussians": loop_mix},
-                                   args.repeats)
+    results["mix_eager"] = compare(f"Mixture-DAAM 8x4, channel axis, {image_title} input, eager", image_shape,
+                                   eager_mix, args.repeats, layout)
     results["daam_eager"] = compare("DAAM Algorithm 1, 8 heads, layer axis, eager", layer_shape,
                                     {"daamkit": daam, "nn.LayerNorm(1024)": layer_norm, "loop over heads": loop_daam},
                                     args.repeats)
     if not args.no_compile:
         results["mix_compiled"] = compare(
-            "Mixture-DAAM, torch.compile", image_shape,
+            f"Mixture-DAAM, {image_title} input, torch.compile", image_shape,
             {"daamkit": compiled(mixture), "nn.GroupNorm(8) compiled": compiled(group_norm),
-             "loop compiled": compiled(loop_mix), "loop eager": loop_mix}, args.repeats)
+             "loop compiled": compiled(loop_mix), "loop eager": loop_mix}, args.repeats, layout)
         results["daam_compiled"] = compare(
             "DAAM Algorithm 1, torch.compile", layer_shape,
             {"daamkit": compiled(daam), "nn.LayerNorm compiled": compiled(layer_norm),
              "loop compiled": compiled(loop_daam), "loop eager": loop_daam}, args.repeats)
 
-    print("\nSummary (targets: compiled mixture <= 3x GroupNorm, >= 10x faster than the loop; eager never slower)")
+    print("\nSummary (targets: mixture / GroupNorm <= 6x eager, <= 3x compiled (stretch 2x); >= 10x faster than "
+          "the loop; eager never slower)")
     eager = results["mix_eager"]
     print(f"  eager    mixture / GroupNorm          = {eager['daamkit'] / eager['nn.GroupNorm(8)']:.2f}x")
+    if args.channels_last:
+        print(f"  eager    no-copy view / copy          = {eager['daamkit'] / eager['daamkit on a contiguous copy']:.2f}x")
     print(f"  eager    loop / mixture (speed-up)    = {eager['loop heads x Gaussians'] / eager['daamkit']:.2f}x")
     d_eager = results["daam_eager"]
     print(f"  eager    DAAM / LayerNorm             = {d_eager['daamkit'] / d_eager['nn.LayerNorm(1024)']:.2f}x")

@@ -5,7 +5,7 @@ Prints ratios measured in one run (the machines are noisy, so DAAM and none step
     python benchmarks/bench_vqvae.py                       # default CPU training config
     python benchmarks/bench_vqvae.py --base-channels 128 --image-size 128 --batch-size 8
 
-Targets: DAAM adds <= 15% to the train step; the nearest-code search for 65,536 vectors x 16,384 codes
+Targets: DAAM adds <= 25% to the train step at the default config and <= 10% at `--base-channels 128`; the nearest-code search for 65,536 vectors x 16,384 codes
 stays under 1 GiB. The search is measured in a fresh subprocess, above the inputs already allocated: on
 CPU the peak resident set size sampled every 0.5 ms from /proc/self/statm, on a GPU
 torch.cuda.max_memory_allocated.
@@ -160,7 +160,7 @@ def main() -> None:
     step = bench_train_step(args, device)
     print(f"device {device}, threads {torch.get_num_threads()}, config {step['config']}")
     print(f"train step: daam {step['daam_step_s'] * 1e3:.1f} ms, none {step['none_step_s'] * 1e3:.1f} ms, "
-          f"DAAM adds {step['daam_overhead_pct']:+.1f}% (target <= 15%)")
+          f"DAAM adds {step['daam_overhead_pct']:+.1f}% (target <= 25% at the default config, <= 10% at base 128)")
     if not args.skip_search:
         search = bench_search(args, device)
         print(f"quantizer search {search['vectors']:,} x {search['codes']:,} codes (dim {search['dim']}): "

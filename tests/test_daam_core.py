@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from daam_reference import daam_reference, mixture_reference
+from daamkit.common import heads as heads_module
 from daamkit.common import DensityAdaptiveAttention, DensityBlock, MixtureDensityAdaptiveAttention
 
 
@@ -126,6 +127,37 @@ def test_gradcheck_float64():
         xm = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(
             lambda i, *p: torch.func.functional_call(mix, dict(zip(names, p)), (i,), {"mask": m}), (xm, *values))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-view", "contiguous-copy"])
+@pytest.mark.parametrize("build", [
+    lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1),  # hand-written backward
+    lambda: MixtureDensityAdaptiveAttention(3, 2, norm_axis=1),  # uneven 2 + 2 + 4
+    lambda: MixtureDensityAdaptiveAttention(2, 3, norm_axis=1, combine="sum"),
+    lambda: DensityAdaptiveAttention(2, 3, norm_axis=1, feature_axis=-1),  # hand-written backward
+    lambda: DensityAdaptiveAttention(2, 5, norm_axis=1, feature_axis=2),
+], ids=["mixture", "mixture-uneven", "mixture-sum", "daam", "daam-feature-h"])
+def test_channels_last_input_gives_same_output_and_gradients(build, native, monkeypatch):
+    """Channels-last NCHW input (float64): same output, gate and gradients as contiguous input, in both the
+    no-copy view (the norm axis moved last) and the contiguous copy, with the output kept channels-last on
+    the no-copy view; also with a mask."""
+    monkeypatch.setattr(heads_module, "CPU_MIN_VIEW_HEAD", 1 if native else 10**9)
+    module = _randomise(build()).double()
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 5, 3, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    mask = torch.rand(2, 1, 5, 3) > 0.3
+    for m in (None, mask):
+        results = []
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xi = x.contiguous(memory_format=layout).requires_grad_()
+            out, gate = module(xi, mask=m, return_gate=True)
+            if native and layout is torch.channels_last:
+                assert out.is_contiguous(memory_format=torch.channels_last)
+            grads = torch.autograd.grad(out, [xi, *module.parameters()], grad)
+            results.append((out, gate, *grads))
+        for contiguous_result, channels_last_result in zip(*results):
+            torch.testing.assert_close(channels_last_result, contiguous_result, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("heads,features,expected", [(8, 1024, 16_384), (8, 5120, 81_920), (1, 1024, 2_048),

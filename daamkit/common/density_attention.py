@@ -10,12 +10,13 @@ from torch import Tensor, nn
 from daamkit.common.heads import (
     apply_per_head,
     check_heads,
-    dense_input,
     finish_gate,
     head_view,
     masked_mean,
+    moved_axis,
     normalize_axis,
     prepare_mask,
+    reduction_layout,
     stats_dtype,
 )
 
@@ -108,8 +109,10 @@ class DensityAdaptiveAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, return_gate: bool = False):
         axis, feature_axis = self._axes(x)
-        x = dense_input(x)
         mask = prepare_mask(mask, x)
+        x, view_axis, restore = reduction_layout(x, axis, self.num_heads)
+        mask = None if mask is None else mask.movedim(axis, view_axis)
+        axis, feature_axis = view_axis, moved_axis(feature_axis, axis, view_axis)
         dtype = stats_dtype(x)
         grouped_feature_axis = feature_axis + 1 if feature_axis > axis else feature_axis
         offset_all = self.mean_offset.to(dtype)
@@ -129,4 +132,4 @@ class DensityAdaptiveAttention(nn.Module):
 
         gate = apply_per_head(x, mask, axis, self.num_heads, gate_fn)
         out, gate = finish_gate(x, gate, mask)
-        return (out, gate) if return_gate else out
+        return (restore(out), restore(gate)) if return_gate else restore(out)

@@ -34,10 +34,36 @@ def check_heads(size: int, num_heads: int, axis: int) -> None:
         )
 
 
-def dense_input(x: Tensor) -> Tensor:
-    """x in the standard contiguous layout. Convolutions on CPU may hand over channels-last tensors, and
-    mixing that layout with the per-head statistics sends every elementwise op down a slow strided path."""
-    return x.contiguous()
+# On CPU, eager elementwise ops that broadcast per-head statistics along a short innermost head axis lose
+# vectorisation: for heads narrower than this a contiguous copy of a channels-last input is faster than the
+# no-copy view, for heads this wide or wider the view is (measured with 4 to 128 channels per head;
+# `benchmarks/bench_daam.py --channels-last` shows the 32-channel case).
+CPU_MIN_VIEW_HEAD = 32
+
+
+def reduction_layout(x: Tensor, axis: int, num_heads: int) -> tuple[Tensor, int, Callable[[Tensor], Tensor]]:
+    """x as the gates compute it: `(view, norm_axis_in_view, restore)`, where `restore` maps a result of
+    the view's shape back to x's shape and layout.
+
+    When the norm axis is innermost in memory (channels-last NCHW for norm_axis=1) the view moves it last:
+    no copy, every head is a contiguous run, the per-head reductions and the softmax are last-axis
+    kernels, and results come back channels-last. On CPU with heads narrower than `CPU_MIN_VIEW_HEAD`,
+    and for other non-contiguous inputs, the gates run on a contiguous copy instead.
+    """
+    last = x.dim() - 1
+    wide_enough = x.device.type != "cpu" or x.shape[axis] // num_heads >= CPU_MIN_VIEW_HEAD
+    if axis != last and x.stride(axis) == 1 and wide_enough:
+        moved = x.movedim(axis, last)
+        if moved.is_contiguous():
+            return moved, last, lambda t: t.movedim(last, axis)
+    return x.contiguous(), axis, lambda t: t
+
+
+def moved_axis(index: int, axis: int, view_axis: int) -> int:
+    """Where dimension `index` (not the norm axis) of x sits in the `reduction_layout` view."""
+    if view_axis == axis or index < axis:
+        return index
+    return index - 1
 
 
 def prepare_mask(mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:

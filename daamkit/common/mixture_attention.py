@@ -12,12 +12,12 @@ from torch import Tensor, nn
 from daamkit.common.heads import (
     apply_per_head,
     check_heads,
-    dense_input,
     finish_gate,
     head_view,
     masked_mean,
     normalize_axis,
     prepare_mask,
+    reduction_layout,
     stats_dtype,
 )
 
@@ -30,36 +30,36 @@ class _ProductMixtureGate(torch.autograd.Function):
     """The product-of-Gaussians map of one unmasked head layout, with a hand-derived backward.
 
     With c = x - mean(x), var the unbiased variance + eps, a = q / var and b = p / (2 var) per column,
-    the gate is softmax(c * (a - b c)) over `dim` (the same as softmax(z (Q / sigma - P z / 2))). The
-    backward uses sum(softmax grad) = 0 and sum(c) = 0 to need only two reductions over `dim`, and it
-    recomputes c from x instead of keeping autograd's chain of intermediates.
+    the gate is softmax(c * (a - b c)) over `dim` (the same as softmax(z (Q / sigma - P z / 2))). Few
+    passes over memory: the variance is one fused dot product of c with itself; the backward takes the softmax gradient in
+    one fused kernel, uses sum(softmax grad) = 0 and sum(c) = 0 to need only two reductions over `dim`,
+    and accumulates grad_x in place.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, half_p: Tensor, q: Tensor, dim: int) -> Tensor:
         n = x.shape[dim]
-        mu = x.mean(dim, keepdim=True)
-        c = x - mu
-        inv_var = 1.0 / (c.square().sum(dim, keepdim=True) / max(n - 1, 1) + VARIANCE_EPS)
-        gate = torch.softmax(c * torch.addcmul(q * inv_var, half_p * inv_var, c, value=-1.0), dim)
-        ctx.save_for_backward(x, gate, mu, inv_var, half_p, q)
+        c = x - x.mean(dim, keepdim=True)
+        inv_var = 1.0 / (torch.linalg.vecdot(c, c, dim=dim).unsqueeze(dim) / max(n - 1, 1) + VARIANCE_EPS)
+        logits = torch.addcmul(q * inv_var, half_p * inv_var, c, value=-1.0).mul_(c)
+        gate = torch.softmax(logits, dim)
+        ctx.save_for_backward(c, gate, inv_var, half_p, q)
         ctx.dim = dim
         return gate
 
     @staticmethod
     def backward(ctx, grad_gate: Tensor):
-        x, gate, mu, inv_var, half_p, q = ctx.saved_tensors
-        dim, n = ctx.dim, x.shape[ctx.dim]
-        c = x - mu
+        c, gate, inv_var, half_p, q = ctx.saved_tensors
+        dim, n = ctx.dim, c.shape[ctx.dim]
         a, b = q * inv_var, half_p * inv_var
-        u = gate * (grad_gate - (gate * grad_gate).sum(dim, keepdim=True))  # grad of the logits
+        u = torch._softmax_backward_data(grad_gate, gate, dim, gate.dtype)  # grad of the logits
         uc = u * c
         grad_a = uc.sum(dim, keepdim=True)
-        grad_b = -(uc * c).sum(dim, keepdim=True)
+        grad_b = -uc.mul_(c).sum(dim, keepdim=True)
         # a and b depend on var, and var on c: d var / d c = 2 c / (n - 1)
         var_coeff = -(grad_a * q + grad_b * half_p) * inv_var * inv_var * (2.0 / max(n - 1, 1))
-        grad_c = u * a + c * (var_coeff - 2.0 * b * u)
-        grad_x = grad_c + (2.0 / n) * b * grad_a  # minus mean(grad_c), which is -2 b grad_a / n
+        # grad_c = u (a - 2 b c) + c var_coeff; grad_x = grad_c - mean(grad_c) = grad_c + 2 b grad_a / n
+        grad_x = torch.addcmul(a, b, c, value=-2.0).mul_(u).addcmul_(c, var_coeff).add_((2.0 / n) * b * grad_a)
         return grad_x, (grad_b * inv_var).sum_to_size(half_p.shape), (grad_a * inv_var).sum_to_size(q.shape), None
 
 
@@ -106,9 +106,11 @@ class MixtureDensityAdaptiveAttention(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, return_gate: bool = False):
         axis = normalize_axis(self.norm_axis, x.dim(), "norm_axis")
-        x = dense_input(x)
         check_heads(x.shape[axis], self.num_heads, axis)
         mask = prepare_mask(mask, x)
+        x, view_axis, restore = reduction_layout(x, axis, self.num_heads)
+        mask = None if mask is None else mask.movedim(axis, view_axis)
+        axis = view_axis
         dtype = stats_dtype(x)
         c_sq = (self.c.to(dtype) ** 2).clamp_min(MIN_C_SQUARED)
         offsets = self.mean_offset.to(dtype)
@@ -141,7 +143,7 @@ class MixtureDensityAdaptiveAttention(nn.Module):
 
         gate = apply_per_head(x, mask, axis, self.num_heads, gate_fn)
         out, gate = finish_gate(x, gate, mask)
-        return (out, gate) if return_gate else out
+        return (restore(out), restore(gate)) if return_gate else restore(out)
 
     def _sum_logits(self, z: Tensor, inv_sigma: Tensor, c_sq: Tensor, offsets: Tensor, heads: slice,
                     axis: int) -> Tensor:
