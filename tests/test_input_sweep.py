@@ -105,6 +105,10 @@ SWEEP = [
     (["classify", "extract", "--task", "text-csv", "--data", "{root}/d", "--encoder", "e", "--out", "{root}/a_file.txt"],
      "a_file.txt is a file"),
     # inputs of the wrong kind
+    (["vqvae", "compare", "--out", "{root}/a_file.txt"], "a_file.txt is a file"),
+    (["vqvae", "compare", "--out", "{root}/new", "--eval-data", "{root}/a_file.txt"],
+     "--eval-data {root}/a_file.txt is a file, not a folder"),
+    (["vqvae", "compare", "--out", "{root}/new", "--config", "{root}/lr_fast.toml"], "--lr must be a number"),
     (["vqvae", "train", "--perceptual-weight", "0.1", "--image-size", "32", "--lpips-weights", "{root}/toml_dir",
       "--out", "{root}/new"], "--lpips-weights {root}/toml_dir is a folder"),
     (["vqvae", "train", "--perceptual-weight", "0.1", "--image-size", "32", "--lpips-weights", "{root}/a_file.txt",

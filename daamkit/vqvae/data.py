@@ -99,13 +99,13 @@ def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> 
     return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted; DaamkitError when the folder is missing."""
+def list_images(folder: str | Path, field: str = "data") -> list[Path]:
+    """Image files under `folder`, recursively, sorted; DaamkitError naming `field` when the folder is missing."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise DaamkitError(f"`data` {folder} is a file, not a folder of images")
+        raise DaamkitError(f"`{field}` {folder} is a file, not a folder of images")
     if not folder.is_dir():
-        raise DaamkitError(f"`data` folder {folder} does not exist (use `data` \"samples\" for the built-in photos)")
+        raise DaamkitError(f"`{field}` folder {folder} does not exist (use `{field}` \"samples\" for the built-in photos)")
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
@@ -307,8 +307,8 @@ def _file_dataset(files: list[Path], image_size: int, seed: int) -> CropDataset:
     return CropDataset(_FileLoader(files), len(files), image_size, seed, [str(f) for f in files])
 
 
-def _scan_nonempty(folder: Path, image_size: int, what: str) -> ScanResult:
-    scan = scan_images(list_images(folder), image_size, what)
+def _scan_nonempty(folder: Path, image_size: int, what: str, field: str = "data") -> ScanResult:
+    scan = scan_images(list_images(folder, field), image_size, what)
     if not scan.files:
         first = f"; e.g. {scan.skipped[0][0]}: {scan.skipped[0][1]}" if scan.skipped else ""
         raise DaamkitError(f"{folder} holds no readable image of at least {image_size}x{image_size} "
@@ -353,8 +353,9 @@ def _holdout(files: list[Path]) -> tuple[list[Path], list[Path]]:
     return [f for f in files if f not in held], val
 
 
-def evaluation_set(data: str, image_size: int) -> CropDataset:
-    """Center crops to evaluate on: the samples' held-out crops, COCO val2017, or every image of a folder."""
+def evaluation_set(data: str, image_size: int, field: str = "data") -> CropDataset:
+    """Center crops to evaluate on: the samples' held-out crops, COCO val2017, or every image of a folder.
+    Errors name the argument `data` came from as `field`."""
     if data == "samples":
         return _sample_splits(image_size, seed=0).val
     root = Path(data).expanduser()
@@ -362,7 +363,7 @@ def evaluation_set(data: str, image_size: int) -> CropDataset:
         if not (root / "val2017").is_dir():
             raise DaamkitError(f"COCO root {root} has no val2017/ folder to evaluate on")
         root = root / "val2017"
-    scan = _scan_nonempty(root, image_size, "evaluation")
+    scan = _scan_nonempty(root, image_size, "evaluation", field)
     for path, reason in scan.skipped:
         log(f"  skipped {path}: {reason}")
     return _file_dataset(scan.files, image_size, seed=0)
