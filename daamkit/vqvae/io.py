@@ -96,7 +96,7 @@ def prepare_image(image: np.ndarray, image_size: int, full: bool, factor: int) -
             raise SkippedInput(f"{w}x{h} is smaller than the model's down-sampling factor {factor}")
         return to_tensor(image[: h - h % factor, : w - w % factor])
     if min(h, w) < image_size:
-        raise SkippedInput(f"{w}x{h} is smaller than the {image_size} px crop (use a smaller `image_size` or `full`)")
+        raise SkippedInput(f"{w}x{h} is smaller than the {image_size} px crop")
     return to_tensor(center_crop(image, image_size))
 
 
@@ -143,8 +143,9 @@ class InputImages:
         DaamkitError when no input at all could be processed."""
         if processed == 0 and self.skipped:
             first_path, first_reason = self.skipped[0]
+            advice = "; a smaller `image_size` or `full` takes small images" if "crop" in first_reason else ""
             raise DaamkitError(f"no input image could be processed: {len(self.skipped)} skipped, e.g. {first_path}: "
-                               f"{first_reason}")
+                               f"{first_reason}{advice}")
         if list_file is not None:
             write_skipped_list(list_file, self.skipped)
         if not self.skipped:
