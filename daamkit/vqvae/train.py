@@ -144,6 +144,7 @@ def _prepare_out_dir(paths: RunPaths, resume: bool, overwrite: bool) -> None:
                                "`overwrite` to start over, or another `out`")
         for folder in (paths.root / "checkpoints", paths.tb, paths.samples):
             shutil.rmtree(folder, ignore_errors=True)
+        paths.skipped.unlink(missing_ok=True)
 
 
 class Trainer:
