@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from daamkit.cli.app import new_app
 from daamkit.cli.main import app
 from daamkit.infra import checkpoint
-from daamkit.infra.config_file import merge_config
+from daamkit.infra.config_file import read_toml
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.local_weights import resolve_hf_model
 
@@ -103,19 +103,24 @@ def test_missing_checkpoint_files_are_user_errors(tmp_path):
         checkpoint.load_weights(tmp_path)
 
 
-def test_toml_config_fills_options_not_given_on_the_command_line(tmp_path):
+def test_toml_config_is_read_with_option_names_and_types(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('steps = 500\nbatch-size = 16\nlr = 0.001\n')
-    merged = merge_config({"steps": 100, "batch_size": 8, "lr": 3e-4}, {"lr"}, config)
-    assert merged == {"steps": 500, "batch_size": 16, "lr": 3e-4}
+    config.write_text('steps = 500\nbatch-size = 16\nlr = 1\n')
+    values = read_toml(config, {"steps": int, "batch_size": int, "lr": float})
+    assert values == {"steps": 500, "batch_size": 16, "lr": 1.0} and isinstance(values["lr"], float)
+    config.write_text('lr = "fast"\n')
+    with pytest.raises(DaamkitError, match="`lr` must be a number, got 'fast'"):
+        read_toml(config, {"lr": float})
     config.write_text("stepz = 5\n")
     with pytest.raises(DaamkitError, match="unknown option"):
-        merge_config({"steps": 1}, set(), config)
+        read_toml(config, {"steps"})
     config.write_text("steps = [\n")
     with pytest.raises(DaamkitError, match="not valid TOML"):
-        merge_config({"steps": 1}, set(), config)
+        read_toml(config, {"steps"})
     with pytest.raises(DaamkitError, match="does not exist"):
-        merge_config({"steps": 1}, set(), tmp_path / "missing.toml")
+        read_toml(tmp_path / "missing.toml", {"steps"})
+    with pytest.raises(DaamkitError, match="is a folder"):
+        read_toml(tmp_path, {"steps"})
 
 
 def test_atomic_json_is_readable_by_others(tmp_path):

@@ -44,21 +44,6 @@ def read_toml(path: str | Path, allowed: Collection[str] | Mapping[str, Any]) ->
     return values
 
 
-def merge_config(cli_values: dict[str, Any], explicit: set[str], config_path: str | Path | None) -> dict[str, Any]:
-    """CLI values, with the TOML file's values filling every option the user did not type on the command line.
-
-    `explicit` names the options given on the command line (e.g. from click's
-    `ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE`).
-    """
-    if config_path is None:
-        return dict(cli_values)
-    merged = dict(cli_values)
-    for key, value in read_toml(config_path, set(cli_values)).items():
-        if key not in explicit:
-            merged[key] = value
-    return merged
-
-
 def explicit_options(ctx: Any) -> set[str]:
     """Names of the options the user typed on the command line of this click/Typer context.
 
