@@ -31,16 +31,17 @@ class _ProductMixtureGate(torch.autograd.Function):
 
     With c = x - mean(x), var the unbiased variance + eps, a = q / var and b = p / (2 var) per column,
     the gate is softmax(c * (a - b c)) over `dim` (the same as softmax(z (Q / sigma - P z / 2))). Few
-    passes over memory: the variance is one fused dot product of c with itself; the backward takes the softmax gradient in
-    one fused kernel, uses sum(softmax grad) = 0 and sum(c) = 0 to need only two reductions over `dim`,
-    and accumulates grad_x in place.
+    passes over memory: the variance is one fused dot product of c with itself; the backward takes the
+    softmax gradient in one fused kernel, uses sum(softmax grad) = 0 and sum(c) = 0 to need only two
+    reductions over `dim` (a sum and a dot product), and builds grad_x in three fused multiply-adds. With
+    narrow heads the per-column statistics are a sizeable tensor too, so they are scaled in place.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, half_p: Tensor, q: Tensor, dim: int) -> Tensor:
         n = x.shape[dim]
         c = x - x.mean(dim, keepdim=True)
-        inv_var = 1.0 / (torch.linalg.vecdot(c, c, dim=dim).unsqueeze(dim) / max(n - 1, 1) + VARIANCE_EPS)
+        inv_var = torch.linalg.vecdot(c, c, dim=dim).unsqueeze(dim).div_(max(n - 1, 1)).add_(VARIANCE_EPS).reciprocal_()
         logits = torch.addcmul(q * inv_var, half_p * inv_var, c, value=-1.0).mul_(c)
         gate = torch.softmax(logits, dim)
         ctx.save_for_backward(c, gate, inv_var, half_p, q)
@@ -51,16 +52,16 @@ class _ProductMixtureGate(torch.autograd.Function):
     def backward(ctx, grad_gate: Tensor):
         c, gate, inv_var, half_p, q = ctx.saved_tensors
         dim, n = ctx.dim, c.shape[ctx.dim]
-        a, b = q * inv_var, half_p * inv_var
         u = torch._softmax_backward_data(grad_gate, gate, dim, gate.dtype)  # grad of the logits
         uc = u * c
-        grad_a = uc.sum(dim, keepdim=True)
-        grad_b = -uc.mul_(c).sum(dim, keepdim=True)
-        # a and b depend on var, and var on c: d var / d c = 2 c / (n - 1)
-        var_coeff = -(grad_a * q + grad_b * half_p) * inv_var * inv_var * (2.0 / max(n - 1, 1))
-        # grad_c = u (a - 2 b c) + c var_coeff; grad_x = grad_c - mean(grad_c) = grad_c + 2 b grad_a / n
-        grad_x = torch.addcmul(a, b, c, value=-2.0).mul_(u).addcmul_(c, var_coeff).add_((2.0 / n) * b * grad_a)
-        return grad_x, (grad_b * inv_var).sum_to_size(half_p.shape), (grad_a * inv_var).sum_to_size(q.shape), None
+        grad_a_scaled = uc.sum(dim, keepdim=True).mul_(inv_var)  # dL/da * inv_var = dL/dq per column
+        sum_ucc_scaled = torch.linalg.vecdot(uc, c, dim=dim).unsqueeze(dim).mul_(inv_var)  # -dL/d(half_p)
+        # a = q / var and b = p / (2 var) depend on var, and var on c (d var / d c = 2 c / (n - 1)):
+        var_coeff = torch.addcmul(sum_ucc_scaled * half_p, grad_a_scaled, q, value=-1.0).mul_(inv_var * (2.0 / max(n - 1, 1)))
+        # grad_c = u a - 2 b u c + c var_coeff; grad_x = grad_c - mean(grad_c) = grad_c + 2 b dL/da / n
+        grad_x = torch.addcmul(grad_a_scaled * (half_p * (2.0 / n)), u, q * inv_var)
+        grad_x.addcmul_(uc, (half_p * -2.0) * inv_var).addcmul_(c, var_coeff)
+        return grad_x, -sum_ucc_scaled.sum_to_size(half_p.shape), grad_a_scaled.sum_to_size(q.shape), None
 
 
 class MixtureDensityAdaptiveAttention(nn.Module):
