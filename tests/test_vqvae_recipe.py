@@ -198,3 +198,39 @@ def test_presets_are_listed_and_used_with_flags_winning(tmp_path, monkeypatch):
     assert json.loads(with_file.stdout)["steps"] == 7  # --config wins over the preset
     unknown = invoke("vqvae", "train", "--preset", "nope", "--dry-run")
     assert unknown.exit_code == 2 and "--preset 'nope' does not exist; choose one of coco-f8" in unknown.output
+
+
+def _random_inception_weights(path, monkeypatch):
+    """torch-fidelity's Inception-V3 with random weights, saved under the real file's keys (proves loading)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    with monkeypatch.context() as patch:  # build it without fetching or loading anything
+        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_evaluate_reports_rfid_from_weights_on_disk_and_null_without(image_dir, tmp_path, monkeypatch):
+    from daamkit.vqvae import fid
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # the whole weights file is loaded strictly; the metric then reads the first block's 64 features, not pool3's
+    # 2048 (the same code path, seconds instead of a minute on a CPU)
+    monkeypatch.setattr(fid, "FID_FEATURES", 64)
+    assert _train(image_dir, tmp_path / "run", "--steps", "1").exit_code == 0
+    last = tmp_path / "run" / "checkpoints" / "last"
+    result = invoke("vqvae", "evaluate", last, "--data", image_dir, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rfid"] is None
+    assert "weights-inception-2015-12-05-6726825d.pth" in result.stderr and "fid_weights" in result.stderr
+    _random_inception_weights(tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth",
+                              monkeypatch)
+    result = invoke("vqvae", "evaluate", last, "--data", image_dir, "--json")
+    assert result.exit_code == 0, result.output
+    rfid = json.loads(result.stdout)["rfid"]
+    assert rfid is not None and rfid >= 0
+    bad = invoke("vqvae", "evaluate", last, "--data", image_dir, "--fid-weights", tmp_path / "nope.pth")
+    assert bad.exit_code == 2 and "--fid-weights" in bad.output

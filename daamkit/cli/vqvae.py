@@ -224,7 +224,8 @@ def presets() -> None:
 
 def _format_metrics(metrics: dict) -> str:
     lpips = "n/a (trunk weights missing)" if metrics["lpips"] is None else f"{metrics['lpips']:.4f}"
-    return (f"psnr {metrics['psnr']:.2f} dB  ssim {metrics['ssim']:.4f}  lpips {lpips}  "
+    rfid = "n/a (Inception weights missing)" if metrics["rfid"] is None else f"{metrics['rfid']:.2f}"
+    return (f"psnr {metrics['psnr']:.2f} dB  ssim {metrics['ssim']:.4f}  lpips {lpips}  rfid {rfid}  "
             f"codebook usage {metrics['codebook_usage']:.1f}%  perplexity {metrics['perplexity']:.1f}  "
             f"images {metrics['num_images']}")
 
@@ -238,13 +239,15 @@ def evaluate(
     raw_weights: RawWeightsOpt = False,
     lpips_weights: Optional[Path] = typer.Option(
         None, help="AlexNet trunk file for the LPIPS metric (default: the torch hub cache, else torchvision's download)."),
+    fid_weights: Optional[Path] = typer.Option(
+        None, help="torch-fidelity's Inception weights for rFID (default: the torch hub cache; null without)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """PSNR, SSIM, LPIPS (null without trunk weights), codebook usage % and perplexity of a checkpoint."""
+    """PSNR, SSIM, LPIPS and rFID (each null without its weights), codebook usage % and perplexity of a checkpoint."""
     from daamkit.vqvae.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(checkpoint, data, image_size, batch_size, raw_weights=raw_weights,
-                                  lpips_weights=lpips_weights)
+                                  lpips_weights=lpips_weights, fid_weights=fid_weights)
     typer.echo(json.dumps(metrics) if as_json else _format_metrics(metrics))
 
 

@@ -16,6 +16,7 @@ from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log, progress_bar
 from daamkit.vqvae.data import CropDataset, collate_valid, evaluation_set, to_uint8
 from daamkit.vqvae.io import default_device, load_model, open_inputs, resolve_image_size, save_png
+from daamkit.vqvae.fid import fid_weights_path, load_fid, missing_fid_message, to_fid_input
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips
 from daamkit.vqvae.metrics import CodeHistogram, psnr_per_image, ssim_per_image
 from daamkit.vqvae.model import VQVAE
@@ -32,8 +33,9 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_model(model: VQVAE, dataset: CropDataset, device: torch.device, batch_size: int = 32,
                    lpips_model: torch.nn.Module | None = None, max_images: int | None = None,
-                   show_progress: bool = True) -> EvalResult:
-    """Mean per-image PSNR/SSIM (and LPIPS when a model is given) plus code usage over `dataset`."""
+                   show_progress: bool = True, fid_metric=None) -> EvalResult:
+    """Mean per-image PSNR/SSIM (and LPIPS when a model is given) plus code usage over `dataset`; rFID of
+    the reconstructions against the originals when a torchmetrics FID metric is given (else None)."""
     if max_images is not None and max_images < len(dataset):
         dataset = Subset(dataset, range(max_images))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_valid,
@@ -56,6 +58,9 @@ def evaluate_model(model: VQVAE, dataset: CropDataset, device: torch.device, bat
                 ssim_sum += float(ssim_per_image(recon, images).sum())
                 if lpips_model is not None:
                     lpips_sum += float(lpips_model(recon, images).sum())
+                if fid_metric is not None:
+                    fid_metric.update(to_fid_input(images), real=True)
+                    fid_metric.update(to_fid_input(recon), real=False)
                 count += images.shape[0]
                 if first is None:
                     first = (images.cpu(), recon.cpu())
@@ -71,6 +76,7 @@ def evaluate_model(model: VQVAE, dataset: CropDataset, device: torch.device, bat
         "psnr": psnr_sum / count,
         "ssim": ssim_sum / count,
         "lpips": lpips_sum / count if lpips_model is not None else None,
+        "rfid": _rfid(fid_metric, count),
         "codebook_usage": usage,
         "perplexity": perplexity,
         "num_images": count,
@@ -78,12 +84,23 @@ def evaluate_model(model: VQVAE, dataset: CropDataset, device: torch.device, bat
     return EvalResult(metrics, *(first if first else (None, None)))
 
 
+def _rfid(fid_metric, count: int) -> float | None:
+    if fid_metric is None:
+        return None
+    if count < 2:
+        log("rfid reported as null: it needs at least 2 images")
+        return None
+    return float(fid_metric.compute())
+
+
 def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int | None = None,
                         batch_size: int = 32, lpips_net: str = "alex",
-                        raw_weights: bool = False, lpips_weights: str | Path | None = None) -> dict[str, float | int | None]:
+                        raw_weights: bool = False, lpips_weights: str | Path | None = None,
+                        fid_weights: str | Path | None = None) -> dict[str, float | int | None]:
     """Metrics of a checkpoint on `data` (samples held-out crops, COCO val2017, or a folder's images).
 
-    LPIPS is null (None), with one note, when its trunk can be neither found nor downloaded.
+    LPIPS is null (None), with one note, when its trunk can be neither found nor downloaded; rFID likewise
+    when the Inception weights are not on disk.
     """
     if batch_size < 1:
         raise DaamkitError(f"`batch_size` must be a positive integer, got {batch_size}")
@@ -91,8 +108,12 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int |
     model, train_config = load_model(checkpoint_dir, device, raw_weights)
     size = resolve_image_size(model.config, train_config, image_size)
     dataset = evaluation_set(data, size)
-    return evaluate_model(model, dataset, device, batch_size,
-                          lpips_for_evaluation(lpips_net, size, device, lpips_weights)).metrics
+    fid_file = fid_weights_path(fid_weights)
+    if fid_file is None:
+        log(f"rfid reported as null: {missing_fid_message()}")
+    fid_metric = load_fid(fid_file, device) if fid_file is not None else None
+    return evaluate_model(model, dataset, device, batch_size, lpips_for_evaluation(lpips_net, size, device, lpips_weights),
+                          fid_metric=fid_metric).metrics
 
 
 def lpips_for_evaluation(lpips_net: str, image_size: int, device: torch.device,
