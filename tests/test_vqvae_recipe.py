@@ -234,3 +234,23 @@ def test_evaluate_reports_rfid_from_weights_on_disk_and_null_without(image_dir, 
     assert rfid is not None and rfid >= 0
     bad = invoke("vqvae", "evaluate", last, "--data", image_dir, "--fid-weights", tmp_path / "nope.pth")
     assert bad.exit_code == 2 and "--fid-weights" in bad.output
+
+
+def test_resize_crop_scales_the_shorter_side_first_and_auto_keeps_small_folders_cropped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from daamkit.vqvae.data import _resize_shorter, center_crop, evaluation_set, to_tensor, training_splits
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(tmp_path / f"wide{i}.png")
+    image = np.asarray(Image.open(tmp_path / "wide0.png").convert("RGB"))
+    resized = evaluation_set(str(tmp_path), 16, resize_mode="resize-crop")[0]
+    assert torch.equal(resized, to_tensor(center_crop(_resize_shorter(image, 16), 16)))
+    assert torch.equal(evaluation_set(str(tmp_path), 16)[0], to_tensor(center_crop(image, 16)))  # auto, 2 files
+    splits = training_splits(str(tmp_path), 16, seed=0, resize_mode="resize-crop")
+    crop, _ = splits.train[(0, 3)]
+    assert crop.shape == (3, 16, 16) and "resize-crop" in splits.description
+    with pytest.raises(DaamkitError, match="`resize_mode`"):
+        TrainConfig(resize_mode="stretch")

@@ -215,8 +215,8 @@ def test_evaluate_json(trained, image_dir, monkeypatch, tmp_path):
     result = invoke("vqvae", "evaluate", trained / "checkpoints" / "best", "--data", image_dir, "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
-    assert set(metrics) == {"psnr", "ssim", "lpips", "codebook_usage", "perplexity", "num_images"}
-    assert metrics["lpips"] is None and metrics["num_images"] == 6
+    assert set(metrics) == {"psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity", "num_images"}
+    assert metrics["lpips"] is None and metrics["rfid"] is None and metrics["num_images"] == 6
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1 and 0 < metrics["codebook_usage"] <= 100
 
 

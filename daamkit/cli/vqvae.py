@@ -85,6 +85,9 @@ def train(
     disc_channels: int = typer.Option(_T.disc_channels, help="Discriminator channels in its first layer."),
     disc_layers: int = typer.Option(_T.disc_layers, help="Discriminator stride-2 stages (image size >= 3 * 2^N)."),
     weight_ema: float = typer.Option(_T.weight_ema, help="Weight EMA decay, e.g. 0.999 (0 = off); evaluation uses it."),
+    resize_mode: str = typer.Option(
+        _T.resize_mode, help="crop, or resize-crop (shorter side to the crop size, then random crop); auto = "
+                             "resize-crop on COCO and folders of 1,000+ images, crop on the sample photos."),
     mixed_precision: str = typer.Option(_T.mixed_precision, help="no, bf16 or fp16 (fp16 needs a GPU)."),
     compile: bool = typer.Option(_T.compile, "--compile", help="torch.compile the encoder and decoder."),
     seed: int = typer.Option(_T.seed, help="Random seed (weights, crops, code restarts)."),
@@ -241,13 +244,17 @@ def evaluate(
         None, help="AlexNet trunk file for the LPIPS metric (default: the torch hub cache, else torchvision's download)."),
     fid_weights: Optional[Path] = typer.Option(
         None, help="torch-fidelity's Inception weights for rFID (default: the torch hub cache; null without)."),
+    resize_mode: str = typer.Option(
+        "auto", help="crop, or resize-crop (shorter side to the size, then centre crop); auto = resize-crop on COCO "
+                     "and folders of 1,000+ images."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """PSNR, SSIM, LPIPS and rFID (each null without its weights), codebook usage % and perplexity of a checkpoint."""
     from daamkit.vqvae.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(checkpoint, data, image_size, batch_size, raw_weights=raw_weights,
-                                  lpips_weights=lpips_weights, fid_weights=fid_weights)
+                                  lpips_weights=lpips_weights, fid_weights=fid_weights,
+                                  resize_mode=resize_mode)
     typer.echo(json.dumps(metrics) if as_json else _format_metrics(metrics))
 
 

@@ -74,8 +74,9 @@ def _check_saved_run(folder: Path, model_config: VQVAEConfig, train_config: Trai
 def _held_out(train_config: TrainConfig, eval_data: str | None) -> tuple[CropDataset, str]:
     """The images every run is evaluated on: `eval_data`'s, else the training source's held-out part."""
     if eval_data is not None:
-        return evaluation_set(eval_data, train_config.image_size, field="eval_data"), eval_data
-    splits = training_splits(train_config.data, train_config.image_size, seed=0)
+        return (evaluation_set(eval_data, train_config.image_size, field="eval_data",
+                               resize_mode=train_config.resize_mode), eval_data)
+    splits = training_splits(train_config.data, train_config.image_size, seed=0, resize_mode=train_config.resize_mode)
     return splits.val, f"held-out part of {train_config.data}"
 
 

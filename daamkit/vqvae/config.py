@@ -18,6 +18,7 @@ RECON_LOSSES = ("l1", "mse")
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 DISC_LOSSES = ("hinge", "non-saturating")
 LPIPS_NETS = ("alex", "vgg")
+RESIZE_MODES = ("auto", "crop", "resize-crop")
 
 
 def min_disc_image_size(layers: int) -> int:
@@ -121,6 +122,7 @@ class TrainConfig:
     perceptual_weight: float = 0.0
     lpips_net: str = "vgg"  # the anchors (taming, LlamaGen, Open-MAGVIT2) train with LPIPS-VGG
     lpips_weights: Optional[str] = None
+    resize_mode: str = "auto"  # auto = resize-crop on COCO and folders of 1,000+ images, crop otherwise
     mixed_precision: str = "no"
     compile: bool = False
     seed: int = 0
@@ -149,6 +151,8 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"`grad_clip` must be >= 0 (0 disables), got {self.grad_clip}")
         _require(self.recon_loss in RECON_LOSSES, f"`recon_loss` must be one of {RECON_LOSSES}, got {self.recon_loss!r}")
         _require(self.perceptual_weight >= 0, f"`perceptual_weight` must be >= 0, got {self.perceptual_weight}")
+        _require(self.resize_mode in RESIZE_MODES,
+                 f"`resize_mode` must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         _require(self.lpips_net in LPIPS_NETS, f"`lpips_net` must be one of {LPIPS_NETS}, got {self.lpips_net!r}")
         _require(self.mixed_precision in MIXED_PRECISION_CHOICES,
                  f"`mixed_precision` must be one of {MIXED_PRECISION_CHOICES}, got {self.mixed_precision!r}")

@@ -27,6 +27,7 @@ SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"
                  "retina", "stereo_motorcycle")
 HELD_OUT_FRACTION = 0.25   # bottom quarter of every sample photo is reserved for validation crops
 FOLDER_HOLDOUT_EVERY = 20  # every 20th file of a plain folder is held out for validation
+LARGE_FOLDER = 1000        # `resize_mode` auto: folders of at least this many images are resized, then cropped
 FULL_DECODE_LIMIT = 5000   # folders up to this many files are fully decoded when scanned
 LOAD_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -155,14 +156,15 @@ class CropDataset(Dataset):
     """Fixed-size crops of `count` images produced by `load(i) -> uint8 HWC`.
 
     Keys are `(index, sample_id)` pairs from `StepBatchSampler` (random crop + flip seeded by
-    (seed, sample_id)) or plain indices (deterministic center crop, for validation/evaluation).
+    (seed, sample_id)) or plain indices (deterministic center crop, for validation/evaluation). With
+    `resize`, each image is first scaled (bicubic) so its shorter side equals `size` (resize-crop).
     A file that fails to decode is replaced by the next one (training: the item is `(crop, failures)`,
     failures being `(name, reason)` pairs) or returned as None (evaluation).
     """
 
     def __init__(self, load: Callable[[int], np.ndarray], count: int, size: int, seed: int = 0,
-                 names: Sequence[str] | None = None):
-        self.load, self.count, self.size, self.seed = load, count, size, seed
+                 names: Sequence[str] | None = None, resize: bool = False):
+        self.load, self.count, self.size, self.seed, self.resize = load, count, size, seed, resize
         self.names = list(names) if names is not None else [str(i) for i in range(count)]
 
     def __len__(self) -> int:
@@ -180,13 +182,16 @@ class CropDataset(Dataset):
                     failures.append((self.names[current], unreadable_reason(err)))
                     continue
                 rng = np.random.default_rng((self.seed, sample_id))
-                return to_tensor(random_crop_flip(image, self.size, rng)), failures
+                return to_tensor(random_crop_flip(self._fit(image), self.size, rng)), failures
             raise DaamkitError("no training image could be decoded")
         try:
             image = self.load(key)
         except LOAD_ERRORS:
             return None
-        return to_tensor(center_crop(image, self.size))
+        return to_tensor(center_crop(self._fit(image), self.size))
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        return _resize_shorter(image, self.size) if self.resize and min(image.shape[:2]) != self.size else image
 
 
 def collate_train(batch: list[tuple[torch.Tensor, list[tuple[str, str]]]]) -> tuple[torch.Tensor, list[tuple[str, str]]]:
@@ -303,8 +308,8 @@ class _FileLoader:
         return read_rgb(self.files[index])
 
 
-def _file_dataset(files: list[Path], image_size: int, seed: int) -> CropDataset:
-    return CropDataset(_FileLoader(files), len(files), image_size, seed, [str(f) for f in files])
+def _file_dataset(files: list[Path], image_size: int, seed: int, resize: bool) -> CropDataset:
+    return CropDataset(_FileLoader(files), len(files), image_size, seed, [str(f) for f in files], resize)
 
 
 def _scan_nonempty(folder: Path, image_size: int, what: str, field: str = "data") -> ScanResult:
@@ -320,7 +325,15 @@ def is_coco_root(path: Path) -> bool:
     return (path / "train2017").is_dir() or (path / "val2017").is_dir()
 
 
-def training_splits(data: str, image_size: int, seed: int) -> DataSplits:
+def uses_resize(resize_mode: str, coco: bool, num_files: int) -> bool:
+    """Whether images are resized (shorter side to the crop size) before cropping: `resize-crop`, or `auto`
+    on COCO and on folders of at least LARGE_FOLDER images; `crop` and the sample photos crop directly."""
+    if resize_mode == "auto":
+        return coco or num_files >= LARGE_FOLDER
+    return resize_mode == "resize-crop"
+
+
+def training_splits(data: str, image_size: int, seed: int, resize_mode: str = "auto") -> DataSplits:
     """Train and validation crops for `train`: samples, a COCO 2017 root, or an image folder."""
     if data == "samples":
         return _sample_splits(image_size, seed)
@@ -336,12 +349,17 @@ def training_splits(data: str, image_size: int, seed: int) -> DataSplits:
             skipped += val_scan.skipped
         else:
             train_files, val_files = _holdout(train_scan.files)
-        return DataSplits(_file_dataset(train_files, image_size, seed), _file_dataset(val_files, image_size, seed),
-                          f"COCO 2017 at {root} ({len(train_files)} train / {len(val_files)} val images)", skipped)
+        resize = uses_resize(resize_mode, True, len(train_files))
+        return DataSplits(_file_dataset(train_files, image_size, seed, resize),
+                          _file_dataset(val_files, image_size, seed, resize),
+                          f"COCO 2017 at {root} ({len(train_files)} train / {len(val_files)} val images"
+                          f"{', resize-crop' if resize else ''})", skipped)
     scan = _scan_nonempty(root, image_size, "image")
     train_files, val_files = _holdout(scan.files)
-    return DataSplits(_file_dataset(train_files, image_size, seed), _file_dataset(val_files, image_size, seed),
-                      f"{root} ({len(train_files)} train / {len(val_files)} held-out images)", scan.skipped)
+    resize = uses_resize(resize_mode, False, len(scan.files))
+    return DataSplits(_file_dataset(train_files, image_size, seed, resize), _file_dataset(val_files, image_size, seed, resize),
+                      f"{root} ({len(train_files)} train / {len(val_files)} held-out images"
+                      f"{', resize-crop' if resize else ''})", scan.skipped)
 
 
 def _holdout(files: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -353,17 +371,19 @@ def _holdout(files: list[Path]) -> tuple[list[Path], list[Path]]:
     return [f for f in files if f not in held], val
 
 
-def evaluation_set(data: str, image_size: int, field: str = "data") -> CropDataset:
-    """Center crops to evaluate on: the samples' held-out crops, COCO val2017, or every image of a folder.
-    Errors name the argument `data` came from as `field`."""
+def evaluation_set(data: str, image_size: int, field: str = "data", resize_mode: str = "auto") -> CropDataset:
+    """Center crops to evaluate on: the samples' held-out crops, COCO val2017, or every image of a folder;
+    resized first (shorter side to `image_size`) as `uses_resize` decides. Errors name the argument `data`
+    came from as `field`."""
     if data == "samples":
         return _sample_splits(image_size, seed=0).val
     root = Path(data).expanduser()
-    if is_coco_root(root):
+    coco = is_coco_root(root)
+    if coco:
         if not (root / "val2017").is_dir():
             raise DaamkitError(f"COCO root {root} has no val2017/ folder to evaluate on")
         root = root / "val2017"
     scan = _scan_nonempty(root, image_size, "evaluation", field)
     for path, reason in scan.skipped:
         log(f"  skipped {path}: {reason}")
-    return _file_dataset(scan.files, image_size, seed=0)
+    return _file_dataset(scan.files, image_size, 0, uses_resize(resize_mode, coco, len(scan.files)))

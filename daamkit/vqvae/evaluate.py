@@ -16,6 +16,7 @@ from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log, progress_bar
 from daamkit.vqvae.data import CropDataset, collate_valid, evaluation_set, to_uint8
 from daamkit.vqvae.io import default_device, load_model, open_inputs, resolve_image_size, save_png
+from daamkit.vqvae.config import RESIZE_MODES
 from daamkit.vqvae.fid import fid_weights_path, load_fid, missing_fid_message, to_fid_input
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips
 from daamkit.vqvae.metrics import CodeHistogram, psnr_per_image, ssim_per_image
@@ -96,7 +97,7 @@ def _rfid(fid_metric, count: int) -> float | None:
 def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int | None = None,
                         batch_size: int = 32, lpips_net: str = "alex",
                         raw_weights: bool = False, lpips_weights: str | Path | None = None,
-                        fid_weights: str | Path | None = None) -> dict[str, float | int | None]:
+                        fid_weights: str | Path | None = None, resize_mode: str = "auto") -> dict[str, float | int | None]:
     """Metrics of a checkpoint on `data` (samples held-out crops, COCO val2017, or a folder's images).
 
     LPIPS is null (None), with one note, when its trunk can be neither found nor downloaded; rFID likewise
@@ -107,7 +108,9 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, data: str, image_size: int |
     device = default_device()
     model, train_config = load_model(checkpoint_dir, device, raw_weights)
     size = resolve_image_size(model.config, train_config, image_size)
-    dataset = evaluation_set(data, size)
+    if resize_mode not in RESIZE_MODES:
+        raise DaamkitError(f"`resize_mode` must be one of {RESIZE_MODES}, got {resize_mode!r}")
+    dataset = evaluation_set(data, size, resize_mode=resize_mode)
     fid_file = fid_weights_path(fid_weights)
     if fid_file is None:
         log(f"rfid reported as null: {missing_fid_message()}")

@@ -169,7 +169,8 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         if not self.is_main:
             set_quiet(True)
-        self.splits = None if dry_run else training_splits(config.data, config.image_size, config.seed)
+        self.splits = None if dry_run else training_splits(config.data, config.image_size, config.seed,
+                                                                   config.resize_mode)
         # every file left out, by name: the scan's, those that failed when first decoded, and (on resume)
         # those an earlier part of the run had already listed
         self.skipped = {str(path): reason for path, reason in self.splits.skipped} if self.splits else {}
