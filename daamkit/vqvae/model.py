@@ -29,11 +29,12 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
-def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`t` in the memory layout of `like` (a no-op when it already is). CPU (oneDNN) ConvTranspose2d hands
-    contiguous input back channels-last; one layout through the network keeps the elementwise ops and
-    Mixture-DAAM on their fast path (measured: benchmarks/bench_vqvae.py)."""
-    channels_last = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+def _in_layout_of(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`t` in the memory layout of the model's conv `weight` (a no-op when it already is): contiguous unless
+    the model was converted with `.to(memory_format=torch.channels_last)`. On CPU the quantizer's output and
+    oneDNN's ConvTranspose2d come back channels-last; one layout through the network keeps the elementwise
+    ops and Mixture-DAAM on their fast path (measured: benchmarks/bench_vqvae.py)."""
+    channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
     return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -110,7 +111,7 @@ class _ResampleBlock(nn.Module):
         self.residual = DAAMResidualBlock(out_channels, config, form)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.residual(self.act(self.norm(_in_layout_of(self.conv(x), x))))
+        return self.residual(self.act(self.norm(_in_layout_of(self.conv(x), self.conv.weight))))
 
 
 class DownSampleBlock(_ResampleBlock):
