@@ -130,3 +130,21 @@ def test_warmup_cosine_schedule():
     assert [schedule(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert schedule(12) == pytest.approx(0.1 + 0.9 * 0.5)
     assert schedule(20) == pytest.approx(0.1) and schedule(50) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_blocks_keep_the_models_layout_and_the_result(layout):
+    """Every DAAM block sees activations in the model's layout (the quantizer's output and CPU transposed
+    convolutions come back channels-last), and a channels-last model reconstructs what a contiguous one does."""
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(**TINY)).eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    expected = model(images).reconstruction
+    model = model.to(memory_format=layout)
+    seen = []
+    for module in model.modules():
+        if type(module).__name__ == "MixtureDensityAdaptiveAttention":
+            module.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=layout)))
+    out = model(images.contiguous(memory_format=layout)).reconstruction
+    assert seen == [True] * 4
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
