@@ -76,6 +76,10 @@ class DensityAdaptiveAttention(nn.Module):
 
     `mask` (bool, broadcastable to x, True = valid) gives exact statistics over valid positions only;
     padded positions are returned unchanged and get gate 1.
+
+    Channels-last input (norm axis innermost in memory) is used without a layout copy and the output comes
+    back channels-last, except on CPU with heads narrower than 32, where a contiguous copy is faster
+    (`daamkit.common.heads.reduction_layout`).
     """
 
     def __init__(self, num_heads: int, num_features: int, norm_axis: int = 1, feature_axis: int = -1,

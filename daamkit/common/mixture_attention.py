@@ -83,6 +83,10 @@ class MixtureDensityAdaptiveAttention(nn.Module):
 
     `mask` (bool, broadcastable to x, True = valid) gives exact statistics and normalisation over valid
     positions; padded positions are returned unchanged and get gate 1.
+
+    Channels-last input (norm axis innermost in memory) is used without a layout copy and the output comes
+    back channels-last, except on CPU with heads narrower than 32, where a contiguous copy is faster
+    (`daamkit.common.heads.reduction_layout`).
     """
 
     def __init__(self, num_heads: int, num_gaussians: int, norm_axis: int = 1, init_c: float = 2.0,
