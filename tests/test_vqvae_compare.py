@@ -11,7 +11,7 @@ from test_vqvae_runs import TINY_ARGS, invoke, write_images
 
 from daamkit.infra.checkpoint import save_checkpoint
 from daamkit.infra.errors import DaamkitError
-from daamkit.vqvae.compare import compare
+from daamkit.vqvae.compare import _summarise, compare
 from daamkit.vqvae.config import ATTENTION_CHOICES, TrainConfig, VQVAEConfig, checkpoint_config
 from daamkit.vqvae.io import load_model
 from daamkit.vqvae.model import VQVAE, GatedDAAM
@@ -119,3 +119,16 @@ def test_compare_cli_prints_json_and_refuses_unknown_variants(tmp_path):
     result = json.loads(ok.stdout.strip().splitlines()[-1])
     assert result["runs"][0]["seed"] == 3 and result["summary"][0]["variant"] == "none"
     assert (tmp_path / "y" / "none-seed3" / "checkpoints" / "last").is_dir()
+
+
+def test_gaps_are_judged_seed_by_seed():
+    runs = [{"variant": v, "seed": s, "psnr": p, "ssim": 0.5, "lpips": None, "codebook_usage": 90.0,
+             "perplexity": 10.0, "ms_per_step": 1.0, "parameters": 1}
+            for v, s, p in [("a", 0, 20.0), ("a", 1, 24.0), ("a", 2, 22.0),
+                            ("b", 0, 19.5), ("b", 1, 23.6), ("b", 2, 21.4),   # 0.5 below on every seed
+                            ("c", 0, 21.0), ("c", 1, 22.0), ("c", 2, 22.4)]]  # gaps -1, +2, -0.4
+    rows, notes = _summarise(runs, ["a", "b", "c"])
+    assert [row["variant"] for row in rows] == ["a", "c", "b"]
+    # b's mean is well within one (unpaired) std of a's, yet b is below a by more than its paired spread
+    assert notes[1].startswith("c: 0.20 +- ") and notes[1].endswith("within one std")
+    assert notes[2].startswith("b: 0.50 +- 0.10 dB below") and notes[2].endswith("larger than one std")

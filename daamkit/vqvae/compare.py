@@ -98,13 +98,22 @@ def _summarise(runs: list[dict[str, Any]], variants: Sequence[str]) -> tuple[lis
     if rows:
         best = rows[0]
         notes.append(f"best held-out PSNR: {best['variant']} ({best['psnr']:.2f} dB over {len(best['seeds'])} seed(s))")
-        for row in rows[1:]:
-            gap = best["psnr"] - row["psnr"]
-            spread = max(best["psnr_std"] or 0.0, row["psnr_std"] or 0.0)
-            verdict = "within one std" if gap <= spread else "larger than one std"
-            notes.append(f"{row['variant']}: {gap:.2f} dB below, {verdict} ({spread:.2f} dB)" if spread
-                         else f"{row['variant']}: {gap:.2f} dB below (one seed: no std)")
+        notes += [_gap_note(best["variant"], row["variant"], runs) for row in rows[1:]]
     return rows, notes
+
+
+def _gap_note(best: str, other: str, runs: list[dict[str, Any]]) -> str:
+    """How far `other` is below `best`, seed by seed: a seed moves every variant alike (same crops, same
+    initial convolutions), so the spread of the paired gaps is the noise a difference must beat."""
+    psnr = {(run["variant"], run["seed"]): run["psnr"] for run in runs}
+    gaps = [psnr[best, seed] - psnr[other, seed] for (variant, seed) in psnr if variant == other and (best, seed) in psnr]
+    if len(gaps) < 2:
+        return f"{other}: {statistics.fmean(gaps):.2f} dB below on {len(gaps)} shared seed(s): no std" if gaps else \
+            f"{other}: no seed in common with {best}"
+    mean, std = statistics.fmean(gaps), statistics.stdev(gaps)
+    verdict = "within one std" if mean <= std else "larger than one std"
+    return (f"{other}: {mean:.2f} +- {std:.2f} dB below (paired over {len(gaps)} seeds: "
+            f"{', '.join(f'{gap:+.2f}' for gap in gaps)}), {verdict}")
 
 
 def _number(value: float | None, std: float | None, digits: int) -> str:
