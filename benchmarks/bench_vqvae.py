@@ -1,9 +1,14 @@
-"""VQ-VAE benchmark: train-step time with Mixture-DAAM vs `--attention none`, and quantizer search memory.
+"""VQ-VAE benchmark: train-step time with Mixture-DAAM vs `--attention none`, the cost of the recipe's
+LPIPS and GAN, and quantizer search memory.
 
 Prints ratios measured in one run (the machines are noisy, so DAAM and none steps are interleaved):
 
     python benchmarks/bench_vqvae.py                       # default CPU training config
     python benchmarks/bench_vqvae.py --base-channels 128 --image-size 128 --batch-size 8
+
+The recipe ratios time `vqvae train`'s own step (the Trainer of a dry run, no data) with LPIPS (random
+trunk, same cost as the real one) or the PatchGAN (adaptive weight + discriminator update) on, against
+the plain step, interleaved (`--skip-recipe` leaves them out).
 
 Targets: DAAM adds <= 25% to the train step at the default config and <= 10% at `--base-channels 128`; the nearest-code search for 65,536 vectors x 16,384 codes
 stays under 1 GiB. The search is measured in a fresh subprocess, above the inputs already allocated: on
@@ -140,6 +145,29 @@ def bench_search(args, device: torch.device) -> dict:
     return result
 
 
+def bench_recipe(args) -> dict:
+    """Median step seconds of `vqvae train`'s step: plain, + LPIPS (random trunk), + PatchGAN, interleaved."""
+    from daamkit.vqvae.config import TrainConfig
+    from daamkit.vqvae.train import Trainer
+
+    model = VQVAEConfig(base_channels=args.base_channels, num_downsamples=args.num_downsamples,
+                        embedding_dim=args.embedding_dim, num_embeddings=args.num_embeddings)
+    base = TrainConfig(image_size=args.image_size, batch_size=args.batch_size, lpips_net=args.lpips_net)
+    variants = {"plain": base, "lpips": base.replace(perceptual_weight=1.0),
+                "gan": base.replace(disc_weight=0.5, disc_start=0)}
+    trainers = {name: Trainer(model, config, Path("."), resume=False, dry_run=True) for name, config in variants.items()}
+    device = trainers["plain"].accelerator.device
+    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    for trainer in trainers.values():  # warm-up
+        trainer.timed_step(images)
+    times = {name: [] for name in trainers}
+    for _ in range(args.recipe_steps):
+        for name, trainer in trainers.items():
+            times[name].append(trainer.timed_step(images))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {"step_s": median, "lpips_ratio": median["lpips"] / median["plain"], "gan_ratio": median["gan"] / median["plain"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
@@ -152,6 +180,9 @@ def main() -> None:
     parser.add_argument("--search-vectors", type=int, default=65_536)
     parser.add_argument("--search-codes", type=int, default=16_384)
     parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--skip-recipe", action="store_true", help="leave out the LPIPS / GAN step ratios")
+    parser.add_argument("--recipe-steps", type=int, default=5, help="timed steps per recipe variant")
+    parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"), help="LPIPS trunk of the recipe ratio")
     parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder (both variants)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -161,6 +192,11 @@ def main() -> None:
     print(f"device {device}, threads {torch.get_num_threads()}, config {step['config']}")
     print(f"train step: daam {step['daam_step_s'] * 1e3:.1f} ms, none {step['none_step_s'] * 1e3:.1f} ms, "
           f"DAAM adds {step['daam_overhead_pct']:+.1f}% (target <= 25% at the default config, <= 10% at base 128)")
+    if not args.skip_recipe:
+        recipe = bench_recipe(args)
+        ms = {name: seconds * 1e3 for name, seconds in recipe["step_s"].items()}
+        print(f"recipe (vqvae train step): plain {ms['plain']:.1f} ms, + LPIPS-{args.lpips_net} {ms['lpips']:.1f} ms "
+              f"(x{recipe['lpips_ratio']:.2f}), + PatchGAN {ms['gan']:.1f} ms (x{recipe['gan_ratio']:.2f})")
     if not args.skip_search:
         search = bench_search(args, device)
         print(f"quantizer search {search['vectors']:,} x {search['codes']:,} codes (dim {search['dim']}): "

@@ -503,15 +503,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        self.step, seconds, stop = self.config.disc_start, [], _StopRequest()
-        for _ in range(steps):
-            images = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
-            _synchronize(device)
-            start = time.perf_counter()
-            self._train_step(images, stop)
-            _synchronize(device)
-            seconds.append(time.perf_counter() - start)
-            self.step += 1
+        self.step = self.config.disc_start
+        seconds = [self.timed_step((torch.rand(shape, generator=generator) * 2 - 1).to(device)) for _ in range(steps)]
         ms_per_step = 1000 * statistics.median(seconds[1:] or seconds)
         tokens = (self.config.image_size // self.model_config.downsample_factor) ** 2
         return {
@@ -526,6 +519,17 @@ class Trainer:
             "steps": self.config.steps,
             "projected_hours": self.config.steps * ms_per_step / 3.6e6,
         }
+
+
+    def timed_step(self, images: torch.Tensor) -> float:
+        """Seconds of one train step on `images` (device work included); advances the step counter."""
+        device = self.accelerator.device
+        _synchronize(device)
+        start = time.perf_counter()
+        self._train_step(images, _StopRequest())
+        _synchronize(device)
+        self.step += 1
+        return time.perf_counter() - start
 
 
 def _synchronize(device: torch.device) -> None:
