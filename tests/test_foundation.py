@@ -40,6 +40,10 @@ def test_info_reports_versions_and_offline_weights(tmp_path, monkeypatch):
     assert resolve_hf_model("org/tiny") == snapshot
     text = runner.invoke(app, ["info"]).output
     assert "lpips alex    missing" in text and "org/tiny" in text
+    assert report["fid_inception_weights"] == {
+        "path": str(tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"),
+        "present": False}
+    assert "rfid inception missing" in text
 
 
 def test_user_errors_are_one_line_and_nonzero():

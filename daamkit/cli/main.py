@@ -11,7 +11,8 @@ import typer
 from daamkit import __version__
 from daamkit.cli import classify, vqvae
 from daamkit.cli.app import new_app
-from daamkit.infra.local_weights import LPIPS_TRUNK_FILES, cached_hf_models, hf_hub_cache_dir, lpips_trunk_path
+from daamkit.infra.local_weights import (FID_INCEPTION_FILE, LPIPS_TRUNK_FILES, cached_hf_models, hf_hub_cache_dir,
+                                        lpips_trunk_path, torch_hub_checkpoints_dir)
 
 app = new_app("daamkit: Density Adaptive Attention toolkit (DAAM core, DAAM VQ-VAE, DAT classifiers).")
 app.add_typer(vqvae.app, name="vqvae")
@@ -35,6 +36,7 @@ def environment_report() -> dict:
         device = "mps"
     else:
         device = "cpu"
+    fid_path = torch_hub_checkpoints_dir() / FID_INCEPTION_FILE
     return {
         "daamkit": __version__,
         "python": platform.python_version(),
@@ -47,6 +49,7 @@ def environment_report() -> dict:
             net: {"path": str(lpips_trunk_path(net)), "present": lpips_trunk_path(net).is_file()}
             for net in LPIPS_TRUNK_FILES
         },
+        "fid_inception_weights": {"path": str(fid_path), "present": fid_path.is_file()},
         "huggingface_cache": str(hf_hub_cache_dir()),
         "huggingface_models": cached_hf_models(),
     }
@@ -54,7 +57,7 @@ def environment_report() -> dict:
 
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text.")) -> None:
-    """Show versions, the compute device, and which LPIPS / Hugging Face weights are available offline."""
+    """Show versions, the compute device, and which LPIPS / rFID / Hugging Face weights are available offline."""
     report = environment_report()
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -64,6 +67,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
     for net, entry in report["lpips_trunk_weights"].items():
         state = "present" if entry["present"] else "missing"
         typer.echo(f"lpips {net:<7} {state}: {entry['path']}")
+    fid = report["fid_inception_weights"]
+    typer.echo(f"rfid inception {'present' if fid['present'] else 'missing'}: {fid['path']}")
     models = report["huggingface_models"]
     typer.echo(f"hf cache      {report['huggingface_cache']}: {len(models)} model(s)")
     for name in models:

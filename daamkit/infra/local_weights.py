@@ -14,6 +14,10 @@ LPIPS_TRUNK_FILES = {
 }
 
 
+# torch-fidelity's Inception-V3 weights (rFID), cached by torch.hub under this name.
+FID_INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
 def torch_hub_checkpoints_dir() -> Path:
     """`$TORCH_HOME/hub/checkpoints` (default `~/.cache/torch/hub/checkpoints`), where torchvision caches weights."""
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(

@@ -13,11 +13,9 @@ from pathlib import Path
 import torch
 
 from daamkit.infra.errors import DaamkitError
-from daamkit.infra.local_weights import torch_hub_checkpoints_dir
+from daamkit.infra.local_weights import FID_INCEPTION_FILE, torch_hub_checkpoints_dir
 
-# The file torch-fidelity's FeatureExtractorInceptionV3 fetches with torch.hub.load_state_dict_from_url.
-FID_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-FID_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{FID_WEIGHTS_FILE}"
+FID_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{FID_INCEPTION_FILE}"
 FID_FEATURES = 2048  # the pool3 features of the standard FID
 
 
@@ -26,15 +24,15 @@ def fid_weights_path(explicit: str | Path | None = None) -> Path | None:
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise DaamkitError(f"`fid_weights` {path} is not a file (expected torch-fidelity's {FID_WEIGHTS_FILE})")
+            raise DaamkitError(f"`fid_weights` {path} is not a file (expected torch-fidelity's {FID_INCEPTION_FILE})")
         return path
-    cached = torch_hub_checkpoints_dir() / FID_WEIGHTS_FILE
+    cached = torch_hub_checkpoints_dir() / FID_INCEPTION_FILE
     return cached if cached.is_file() else None
 
 
 def missing_fid_message() -> str:
-    return (f"rFID needs torch-fidelity's Inception weights {FID_WEIGHTS_FILE} at "
-            f"{torch_hub_checkpoints_dir() / FID_WEIGHTS_FILE} ({FID_WEIGHTS_URL}) or given as `fid_weights`")
+    return (f"rFID needs torch-fidelity's Inception weights {FID_INCEPTION_FILE} at "
+            f"{torch_hub_checkpoints_dir() / FID_INCEPTION_FILE} ({FID_WEIGHTS_URL}) or given as `fid_weights`")
 
 
 def load_fid(weights: Path, device: torch.device):
