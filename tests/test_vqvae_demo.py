@@ -22,12 +22,12 @@ from daamkit.vqvae.model import VQVAE
 from daamkit.vqvae.reconstruction import gate_entropy
 from daamkit.vqvae.tokens import decode_file
 
-TINY = dict(base_channels=8, num_downsamples=2, embedding_dim=4, num_embeddings=16, heads=2, gaussians=2)
+TINY = dict(base_channels=8, num_downsamples=2, embedding_dim=4, num_embeddings=16, attention="daam", heads=2, gaussians=2)
 
 
 def save_random_checkpoint(folder: Path, attention: str = "daam", seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    config = VQVAEConfig(**TINY, attention=attention)
+    config = VQVAEConfig(**{**TINY, "attention": attention})
     return save_checkpoint(folder, VQVAE(config).state_dict(), checkpoint_config(config, TrainConfig(image_size=16)))
 
 
@@ -68,7 +68,7 @@ def test_forward_returns_one_gate_per_daam_block_and_leaves_the_output_unchanged
     assert torch.allclose(gate.unflatten(1, (2, 4)).sum(2), torch.ones(2, 2, 8, 8), atol=1e-5)
     assert not plain.gates
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
-    assert not VQVAE(VQVAEConfig(**TINY, attention="none"))(images, return_gates=True).gates
+    assert not VQVAE(VQVAEConfig(**{**TINY, "attention": "none"}))(images, return_gates=True).gates
 
 
 def test_gate_entropy_is_zero_for_one_hot_and_one_for_uniform_heads_with_a_remainder_head():

@@ -14,7 +14,7 @@ from daamkit.vqvae.model import VQVAE
 from daamkit.vqvae.quantizer import VectorQuantizer, codebook_usage_and_perplexity, nearest_codes
 from daamkit.vqvae.train import WarmupCosine
 
-TINY = dict(base_channels=8, num_downsamples=2, embedding_dim=4, num_embeddings=16, heads=2, gaussians=2)
+TINY = dict(base_channels=8, num_downsamples=2, embedding_dim=4, num_embeddings=16, attention="daam", heads=2, gaussians=2)
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 7 * 13, 1 << 24])
@@ -91,7 +91,7 @@ def test_l2_normalised_codes_are_unit_vectors():
 
 def test_model_shapes_and_ablation_differs_only_by_daam_parameters():
     torch.manual_seed(5)
-    daam, plain = VQVAE(VQVAEConfig(**TINY)), VQVAE(VQVAEConfig(**TINY, attention="none"))
+    daam, plain = VQVAE(VQVAEConfig(**TINY)), VQVAE(VQVAEConfig(**{**TINY, "attention": "none"}))
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     out = daam(images)
     assert out.reconstruction.shape == images.shape and out.quant.indices.shape == (2, 4, 4)
@@ -111,7 +111,7 @@ def test_model_config_round_trips_through_json_and_rejects_bad_values():
     with pytest.raises(DaamkitError, match="unknown key"):
         VQVAEConfig.from_dict({**model.to_dict(), "colour": 1})
     with pytest.raises(DaamkitError, match="heads"):
-        VQVAEConfig(base_channels=4, heads=8)
+        VQVAEConfig(base_channels=4, attention="daam", heads=8)
     with pytest.raises(DaamkitError, match="attention"):
         VQVAEConfig(attention="softmax")
     with pytest.raises(DaamkitError, match="`mixed_precision` must be one of"):

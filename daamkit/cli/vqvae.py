@@ -104,7 +104,7 @@ def train(
         False, "--dry-run", help="Read no data, write nothing: time 3 steps on random images, project the run's cost."),
     as_json: bool = typer.Option(False, "--json", help="Print the final result as one JSON object."),
 ) -> None:
-    """Train the DAAM VQ-VAE (defaults: built-in photos, 1,000 steps; --steps 200 for a quick look)."""
+    """Train the VQ-VAE tokenizer (defaults: built-in photos, 1,000 steps, no DAAM: add --attention daam)."""
     from daamkit.vqvae.presets import preset_path
     from daamkit.vqvae.train import train as run_training
 

@@ -60,7 +60,7 @@ class VQVAEConfig:
     num_downsamples: int = 2
     embedding_dim: int = 64
     num_embeddings: int = 512
-    attention: str = "daam"
+    attention: str = "none"
     heads: int = 8
     gaussians: int = 4
     init_c: float = 2.0
