@@ -175,6 +175,20 @@ def test_dry_run_reads_no_data_writes_nothing_and_projects_the_cost(tmp_path, mo
     assert report["projected_hours"] == pytest.approx(10 * report["ms_per_step"] / 3.6e6)
 
 
+@pytest.mark.parametrize("failure", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1"),
+                                     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+def test_dry_run_that_does_not_fit_in_memory_is_one_line_naming_the_batch(tmp_path, monkeypatch, failure):
+    def out_of_memory(self, images):
+        raise failure
+
+    monkeypatch.setattr(train_module.Trainer, "timed_step", out_of_memory)
+    result = invoke("vqvae", "train", "--dry-run", "--image-size", "16", *TINY_NET, "--batch-size", "3")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --batch-size 3 at --image-size 16 does not fit in cpu memory: lower --batch-size or --image-size "
+        "(the cost of a step scales with both)"]
+
+
 def test_presets_are_listed_and_used_with_flags_winning(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "DRY_RUN_STEPS", 1)  # the presets' values are what is checked here
     listing = invoke("vqvae", "presets")

@@ -504,7 +504,15 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.step = self.config.disc_start
-        seconds = [self.timed_step((torch.rand(shape, generator=generator) * 2 - 1).to(device)) for _ in range(steps)]
+        try:
+            seconds = [self.timed_step((torch.rand(shape, generator=generator) * 2 - 1).to(device))
+                       for _ in range(steps)]
+        except (MemoryError, RuntimeError) as err:  # CUDA's OutOfMemoryError is a RuntimeError; so is the CPU allocator's
+            if not isinstance(err, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
+                raise
+            raise DaamkitError(f"`batch_size` {self.config.batch_size} at `image_size` {self.config.image_size} does "
+                               f"not fit in {device} memory: lower `batch_size` or `image_size` (the cost of a step "
+                               "scales with both)") from err
         ms_per_step = 1000 * statistics.median(seconds[1:] or seconds)
         tokens = (self.config.image_size // self.model_config.downsample_factor) ** 2
         return {
