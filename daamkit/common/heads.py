@@ -78,6 +78,12 @@ def prepare_mask(mask: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to input {tuple(x.shape)}") from err
 
 
+def head_sizes(size: int, num_heads: int) -> list[int]:
+    """How `num_heads` heads split an axis of `size`: equal contiguous chunks, the last taking the remainder."""
+    base = size // num_heads
+    return [base] * (num_heads - 1) + [size - base * (num_heads - 1)]
+
+
 def apply_per_head(x: Tensor, mask: Optional[Tensor], axis: int, num_heads: int, gate_fn: GroupGateFn) -> Tensor:
     """Run `gate_fn` on the head-grouped view of `x` and return the gate in x's own layout."""
     size = x.shape[axis]
@@ -85,8 +91,7 @@ def apply_per_head(x: Tensor, mask: Optional[Tensor], axis: int, num_heads: int,
         grouped = x.unflatten(axis, (num_heads, size // num_heads))
         grouped_mask = None if mask is None else mask.unflatten(axis, (num_heads, size // num_heads))
         return gate_fn(grouped, grouped_mask, slice(0, num_heads)).flatten(axis, axis + 1)
-    base = size // num_heads
-    lengths = [base] * (num_heads - 1) + [size - base * (num_heads - 1)]
+    lengths = head_sizes(size, num_heads)
     x_chunks = x.split(lengths, dim=axis)
     mask_chunks = [None] * num_heads if mask is None else mask.split(lengths, dim=axis)
     gates = [

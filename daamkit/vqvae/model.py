@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from daamkit.common import MixtureDensityAdaptiveAttention
+from daamkit.common.heads import head_sizes
 from daamkit.vqvae.config import VQVAEConfig
 from daamkit.vqvae.quantizer import QuantizerOutput, VectorQuantizer
 
@@ -53,10 +54,8 @@ class GatedDAAM(nn.Module):
         super().__init__()
         self.mixture = _mixture(config)
         self.alpha = nn.Parameter(torch.zeros(channels))
-        # heads split the channels as the Mixture-DAAM does: equal parts, the last one taking the remainder
-        base = channels // config.heads
-        sizes = [base] * (config.heads - 1) + [channels - base * (config.heads - 1)]
-        head_size = torch.cat([torch.full((size,), float(size)) for size in sizes])
+        # heads split the channels as the Mixture-DAAM does (`head_sizes`)
+        head_size = torch.cat([torch.full((size,), float(size)) for size in head_sizes(channels, config.heads)])
         self.register_buffer("head_size", head_size, persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from daamkit.common.heads import head_sizes
 from daamkit.vqvae.data import to_uint8
 from daamkit.vqvae.metrics import psnr_per_image, ssim_per_image
 from daamkit.vqvae.model import VQVAE
@@ -35,11 +36,8 @@ def gate_entropy(gate: torch.Tensor, num_heads: int) -> torch.Tensor:
     0 = every head puts all its weight on one channel; 1 = the gate is uniform (no focus). Heads split
     the channels as the DAAM modules do: contiguous chunks, the remainder going to the last head.
     """
-    channels = gate.shape[1]
-    base = channels // num_heads
-    lengths = [base] * (num_heads - 1) + [channels - base * (num_heads - 1)]
     per_head = []
-    for chunk in gate.float().split(lengths, dim=1):
+    for chunk in gate.float().split(head_sizes(gate.shape[1], num_heads), dim=1):
         entropy = -(chunk * chunk.clamp_min(1e-30).log()).sum(1)
         width = chunk.shape[1]
         per_head.append(entropy / math.log(width) if width > 1 else torch.zeros_like(entropy))
