@@ -39,10 +39,9 @@ def _resume_configs(out: Path, values: dict[str, Any], given: set[str]) -> tuple
         if key in RESUME_ADJUSTABLE:
             changes[key] = values[key]
         elif values[key] != saved[key]:
-            flag = "--" + key.replace("_", "-")
-            raise DaamkitError(f"--resume keeps the saved run's settings: {flag} {values[key]} differs from "
-                               f"{saved[key]!r} in {out}; only --steps, --log-every, --eval-every, --val-images, "
-                               "--num-workers, --compile and --lpips-weights may change")
+            adjustable = ", ".join(f"`{name}`" for name in sorted(RESUME_ADJUSTABLE))
+            raise DaamkitError(f"`resume` keeps the saved run's settings: `{key}` {values[key]} differs from "
+                               f"{saved[key]!r} in {out}; only {adjustable} may change")
     return model_config, train_config.replace(**changes)
 
 
