@@ -116,6 +116,20 @@ def test_every_decoder_trains_a_step(name):
     assert any(k.startswith("attention.") for k in changed) and any(k.startswith("head.") for k in changed)
 
 
+@pytest.mark.parametrize("name", ["linear", "daam-v1", "mha"])
+def test_dropout_acts_on_the_classifier_inputs_only_while_training(name):
+    torch.manual_seed(0)
+    n = 1 if name == "linear" else N
+    config = decoder_config(name, n, D, C, heads=HEADS.get(name), dropout=0.5)
+    model, plain = build_decoder(config), build_decoder(decoder_config(name, n, D, C, heads=HEADS.get(name)))
+    plain.load_state_dict(model.state_dict())  # dropout adds no parameters: checkpoints keep their keys
+    x = torch.randn(4, n, D)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # a fresh mask per pass
+    model.eval(), plain.eval()
+    assert torch.equal(model(x), model(x)) and torch.equal(model(x), plain(x))
+
+
 def test_gaussian_ranges_only_for_density_decoders():
     assert gaussian_parameter_ranges(_decoder("mha")) is None
     ranges = gaussian_parameter_ranges(_decoder("daam-v1"))
@@ -132,6 +146,8 @@ def test_gaussian_ranges_only_for_density_decoders():
     (("gqa", 8, 32, 3, 3), "multiple of the 2 key/value heads"),
     (("transformer", 8, 32, 3, None), "unknown decoder"),
     (("daam-v2", 8, 32, 1, None), "at least 2 classes"),
+    (("daam-v1", 8, 32, 3, 2, None, 1.0), "`dropout` must be at least 0 and below 1, got 1.0"),
+    (("linear", 1, 32, 3, None, None, -0.1), "`dropout` must be at least 0 and below 1"),
 ])
 def test_bad_decoder_settings_are_one_clear_error(args, message):
     with pytest.raises(DaamkitError, match=message):

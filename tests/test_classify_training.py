@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from classify_caches import one_torch_thread, write_session_cache, write_train_test_cache  # noqa: F401
 from daamkit.classify.batches import FeatureBatches
 from daamkit.classify.evaluation import evaluate_run
-from daamkit.classify.experiment import LR_GRID, MIN_TRAIN_STEPS, PAPER_EPOCHS, default_epochs
+from daamkit.classify.experiment import LR_GRID, MIN_TRAIN_STEPS, PAPER_EPOCHS, USER_DROPOUT, default_epochs
 from daamkit.classify.importance import importance_run
 from daamkit.classify.report import build_report, render_report
 from daamkit.classify.split_loop import focal_loss
@@ -244,6 +244,10 @@ def test_linear_probe_with_lr_auto_on_a_user_task(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "lr_search").iterdir()) == [f"lr{lr:g}" for lr in sorted(LR_GRID)]
     paper = train_decoder(write_train_test_cache(tmp_path / "agnews"), "linear", tmp_path / "paper", epochs=1)
     assert paper["lr"] == 1e-4  # the paper's tasks keep the paper's lr
+    assert run["decoder"]["dropout"] == USER_DROPOUT  # and a user's task gets dropout, the paper's none
+    assert json.loads((tmp_path / "paper" / "run.json").read_text())["decoder"]["dropout"] == 0.0
+    train_decoder(cache, "linear", tmp_path / "no-dropout", epochs=1, lr=1e-3, dropout=0.0)
+    assert json.loads((tmp_path / "no-dropout" / "run.json").read_text())["decoder"]["dropout"] == 0.0
 
 
 def test_default_epochs_reach_the_step_floor():

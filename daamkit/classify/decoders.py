@@ -6,6 +6,8 @@ layers as the token (or norm) axis of one item, never the batch axis (the author
 the batch by mistake). The head reshapes the attention output `[B, N, w]` into `[B, N, h, w']` images
 (h * w' = w, as square as possible), applies Conv2d(N->512, 3x3) -> ReLU -> Conv2d(512->N, 3x3) -> ReLU,
 flattens and classifies with one Linear layer. Everything outside the attention module is Xavier-initialised.
+`dropout` (0 in the paper) drops the classifier's inputs while training: on a user's few hundred items the
+head otherwise memorises the training set within a few epochs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class DecoderConfig:
     num_classes: int
     heads: Optional[int]
     gaussians: int = DEFAULT_GAUSSIANS
+    dropout: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,6 +184,7 @@ def decoder_config(
     num_classes: int,
     heads: Optional[int] = None,
     gaussians: Optional[int] = None,
+    dropout: float = 0.0,
 ) -> DecoderConfig:
     """Validate a decoder choice against the cache shape; every bad combination is one DaamkitError line.
 
@@ -191,6 +195,8 @@ def decoder_config(
     gaussians = DEFAULT_GAUSSIANS if gaussians is None else gaussians
     if heads is not None and heads < 1 or gaussians < 1:
         raise DaamkitError(f"`heads` and `gaussians` must be at least 1, got {heads} and {gaussians}")
+    if not 0.0 <= dropout < 1.0:
+        raise DaamkitError(f"`dropout` must be at least 0 and below 1, got {dropout}")
     if num_classes < 2:
         raise DaamkitError(f"a classifier needs at least 2 classes, the feature cache has {num_classes}")
     if spec.paper_heads is None and heads is not None:
@@ -199,7 +205,7 @@ def decoder_config(
         if num_layers != 1:
             raise DaamkitError(f"decoder {decoder} reads one layer's pooled features, got {num_layers} layers; "
                                "choose one with `layers` (e.g. 12) or leave it unset for the last one")
-        return DecoderConfig(decoder, num_layers, hidden_size, num_classes, None, gaussians)
+        return DecoderConfig(decoder, num_layers, hidden_size, num_classes, None, gaussians, dropout)
     if spec.density:
         if num_layers < MIN_LAYERS_PER_HEAD:
             raise DaamkitError(
@@ -221,7 +227,7 @@ def decoder_config(
     problem = None if heads is None else spec.heads_problem(decoder, heads, hidden_size)
     if problem:
         raise DaamkitError(problem)
-    return DecoderConfig(decoder, num_layers, hidden_size, num_classes, heads, gaussians)
+    return DecoderConfig(decoder, num_layers, hidden_size, num_classes, heads, gaussians, dropout)
 
 
 def grid_shape(width: int) -> tuple[int, int]:
@@ -264,12 +270,14 @@ class DATDecoder(nn.Module):
             nn.Flatten(),
             nn.Linear(n * width, config.num_classes),
         )
+        self.dropout = nn.Dropout(config.dropout)
         _xavier(self.head)
 
     def forward(self, x: Tensor, return_gate: bool = False):
         """Logits `[B, classes]`; with `return_gate=True` also the density gate `[B, N, d]` (None if not DAAM)."""
         out, gate = self.attention(x, return_gate=return_gate)
-        logits = self.head(out.unflatten(-1, self.grid))
+        features = self.head[:-1](out.unflatten(-1, self.grid))  # conv head, flattened
+        logits = self.head[-1](self.dropout(features))
         return (logits, gate) if return_gate else logits
 
 
@@ -282,10 +290,11 @@ class LinearProbe(nn.Module):
         super().__init__()
         self.config = config
         self.head = nn.Linear(config.hidden_size, config.num_classes)
+        self.dropout = nn.Dropout(config.dropout)
         _xavier(self.head)
 
     def forward(self, x: Tensor, return_gate: bool = False):
-        logits = self.head(x.flatten(1))
+        logits = self.head(self.dropout(x.flatten(1)))
         return (logits, None) if return_gate else logits
 
 

@@ -93,6 +93,7 @@ class DecoderRunConfig(RunConfig):
     layers: Optional[str] = None
     heads: Optional[int] = None
     gaussians: Optional[int] = None
+    dropout: Optional[float] = None
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -102,6 +103,9 @@ class DecoderRunConfig(RunConfig):
         check_decoder(self.decoder)
         _positive_int(self.heads, "heads", optional=True)
         _positive_int(self.gaussians, "gaussians", optional=True)
+        _require(self.dropout is None or (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+                                          and 0.0 <= self.dropout < 1.0),
+                 f"`dropout` must be a number at least 0 and below 1, got {self.dropout!r}")
 
 
 @dataclass(frozen=True)

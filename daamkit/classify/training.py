@@ -38,6 +38,7 @@ from daamkit.classify.experiment import (
     make_accelerator,
     open_sources,
     plan_splits,
+    resolve_dropout,
     resolve_lr,
     resolve_mixed_precision,
 )
@@ -120,7 +121,7 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
     if positions is None:
         positions = [len(cache.layers) - 1] if spec.one_layer else list(range(len(cache.layers)))
     decoder = decoder_config(config.decoder, len(positions), manifest["hidden_size"], len(cache.classes),
-                             config.heads, config.gaussians)
+                             config.heads, config.gaussians, resolve_dropout(config.dropout, manifest))
     batch_size = config.batch_size or default_batch_size(manifest)
     plans = plan_splits(manifest.get("grouping"), open_sources(cache), seed=config.seed, runs=config.runs,
                         dev_fraction=config.dev_fraction)
