@@ -244,10 +244,18 @@ def test_linear_probe_with_lr_auto_on_a_user_task(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "lr_search").iterdir()) == [f"lr{lr:g}" for lr in sorted(LR_GRID)]
     paper = train_decoder(write_train_test_cache(tmp_path / "agnews"), "linear", tmp_path / "paper", epochs=1)
     assert paper["lr"] == 1e-4  # the paper's tasks keep the paper's lr
-    assert run["decoder"]["dropout"] == USER_DROPOUT  # and a user's task gets dropout, the paper's none
-    assert json.loads((tmp_path / "paper" / "run.json").read_text())["decoder"]["dropout"] == 0.0
-    train_decoder(cache, "linear", tmp_path / "no-dropout", epochs=1, lr=1e-3, dropout=0.0)
-    assert json.loads((tmp_path / "no-dropout" / "run.json").read_text())["decoder"]["dropout"] == 0.0
+    assert run["decoder"]["dropout"] == 0.0  # the linear probe has no hidden layer to regularise with dropout
+
+
+@pytest.mark.parametrize(("task", "options", "expected"), [
+    ("text-csv", {}, USER_DROPOUT),  # a DAT decoder on a user's task: dropout on the classifier inputs
+    ("agnews", {}, 0.0),  # the paper's tasks keep the paper's head
+    ("text-csv", {"dropout": 0.2}, 0.2),
+])
+def test_dat_decoder_dropout_default_depends_on_the_task(tmp_path, task, options, expected):
+    cache = write_train_test_cache(tmp_path / "cache", task=task, num_train=48)
+    train_decoder(cache, "mha", tmp_path / "run", epochs=1, lr=1e-3, heads=2, **options)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["decoder"]["dropout"] == expected
 
 
 def test_default_epochs_reach_the_step_floor():

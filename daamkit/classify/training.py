@@ -121,7 +121,7 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
     if positions is None:
         positions = [len(cache.layers) - 1] if spec.one_layer else list(range(len(cache.layers)))
     decoder = decoder_config(config.decoder, len(positions), manifest["hidden_size"], len(cache.classes),
-                             config.heads, config.gaussians, resolve_dropout(config.dropout, manifest))
+                             config.heads, config.gaussians, resolve_dropout(config.dropout, manifest, spec.one_layer))
     batch_size = config.batch_size or default_batch_size(manifest)
     plans = plan_splits(manifest.get("grouping"), open_sources(cache), seed=config.seed, runs=config.runs,
                         dev_fraction=config.dev_fraction)

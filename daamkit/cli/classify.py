@@ -100,8 +100,8 @@ def train(
         _R("heads"), "--heads", help="Attention/DAAM heads [default: the paper's; DAAM: fewer, so each head spans 2+ layers]."),
     gaussians: Optional[int] = typer.Option(_R("gaussians"), "--gaussians", help="Gaussians per head (mixture) [default: 4]."),
     dropout: Optional[float] = typer.Option(
-        _R("dropout"), "--dropout", help="Dropout on the classifier's inputs [default: 0.5 on your own data; the "
-        "paper's 0 on iemocap/agnews/cifar100]."),
+        _R("dropout"), "--dropout", help="Dropout on the classifier's inputs [default: 0.5 for DAT decoders on "
+        "your own data; 0 for linear and, as in the paper, on iemocap/agnews/cifar100]."),
     dev_fraction: float = typer.Option(_R("dev_fraction"), "--dev-fraction", help="Share of the training pool held out as dev."),
     loss: str = typer.Option(_R("loss"), "--loss", help="auto (focal for speech, else ce) | focal | ce"),
     weight_decay: float = typer.Option(_R("weight_decay"), "--weight-decay", help="AdamW weight decay."),
