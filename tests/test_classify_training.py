@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from classify_caches import one_torch_thread, write_session_cache, write_train_test_cache  # noqa: F401
 from daamkit.classify.batches import FeatureBatches
 from daamkit.classify.evaluation import evaluate_run
-from daamkit.classify.experiment import LR_GRID, MIN_TRAIN_STEPS, PAPER_EPOCHS, USER_DROPOUT, default_epochs
+from daamkit.classify.experiment import LATE_EPOCHS, LR_GRID, MIN_TRAIN_STEPS, PAPER_EPOCHS, USER_DROPOUT, default_epochs
 from daamkit.classify.importance import importance_run
 from daamkit.classify.report import build_report, render_report
 from daamkit.classify.split_loop import focal_loss
@@ -239,11 +239,16 @@ def test_linear_probe_with_lr_auto_on_a_user_task(tmp_path):
     search = run["lr_search"]
     assert search["grid"] == list(LR_GRID) and run["lr"] == metrics["lr"] == search["chosen"]
     assert search["dev_accuracy"][f"{search['chosen']:g}"] == max(search["dev_accuracy"].values())
-    chosen = search["dev_accuracy"]  # the winner's checkpoint is the split's best checkpoint
-    assert metrics["accuracy"]["per_split"][0]["dev_accuracy"] == chosen[f"{search['chosen']:g}"]
+    assert run["selection"] == "last-epoch"  # a user's task keeps the converged last epoch
+    history = metrics["history"]["run1"]  # the winner's history; its score is the mean of its last epochs
+    late = [record["dev_accuracy"] for record in history[-LATE_EPOCHS:]]
+    assert search["dev_accuracy"][f"{search['chosen']:g}"] == pytest.approx(sum(late) / len(late))
+    split = metrics["accuracy"]["per_split"][0]  # the winner's checkpoint is its last epoch
+    assert split["best_epoch"] == len(history) == 3 and split["dev_accuracy"] == history[-1]["dev_accuracy"]
     assert sorted(p.name for p in (tmp_path / "run" / "lr_search").iterdir()) == [f"lr{lr:g}" for lr in sorted(LR_GRID)]
     paper = train_decoder(write_train_test_cache(tmp_path / "agnews"), "linear", tmp_path / "paper", epochs=1)
-    assert paper["lr"] == 1e-4  # the paper's tasks keep the paper's lr
+    assert paper["lr"] == 1e-4  # the paper's tasks keep the paper's lr and best-epoch selection
+    assert json.loads((tmp_path / "paper" / "run.json").read_text())["selection"] == "best-epoch"
     assert run["decoder"]["dropout"] == 0.0  # the linear probe has no hidden layer to regularise with dropout
 
 
@@ -308,3 +313,47 @@ def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch):
             assert torch.equal(value, load_weights(tmp_path / "full" / "splits" / split / "best")[key]), (split, key)
     result = runner.invoke(app, ["classify", "train", "--out", str(out), "--resume"])
     assert result.exit_code == 2 and "has finished already" in result.stderr
+
+
+class _ScriptedDevJob:
+    """A SplitJob whose dev accuracy follows a script, to see which epoch each selection keeps."""
+
+    def __init__(self, dev_accuracies):
+        self.dev = list(dev_accuracies)
+        self.rng = np.random.default_rng(0)
+        self.model = torch.nn.Linear(2, 2)
+
+    def build(self, lr):
+        return self.model, torch.optim.AdamW(self.model.parameters(), lr=lr)
+
+    def steps_per_epoch(self):
+        return 1
+
+    def batches(self):
+        yield torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+
+    def after_first_step(self):
+        pass
+
+    def dev_accuracy(self):
+        return self.dev.pop(0)
+
+    def checkpoint_state(self):
+        return self.model.state_dict()
+
+    def load_checkpoint_state(self, state):
+        self.model.load_state_dict(state)
+
+    def checkpoint_config(self):
+        return {}
+
+
+@pytest.mark.parametrize(("selection", "kept"), [("best-epoch", 1), ("last-epoch", 3)])
+def test_selection_keeps_the_first_best_or_the_last_epoch(tmp_path, selection, kept):
+    from daamkit.classify.experiment import make_accelerator
+    from daamkit.classify.split_loop import fit_split
+    from daamkit.infra.checkpoint import load_config
+
+    fit_split(_ScriptedDevJob([0.9, 0.5, 0.6]), epochs=3, lr=1e-3, loss="ce", accelerator=make_accelerator("no", cpu=True),
+              folder=tmp_path / "split", log_dir=tmp_path / "tb", label="t", selection=selection)
+    assert load_config(tmp_path / "split" / "best")["best_epoch"] == kept

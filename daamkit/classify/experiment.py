@@ -31,6 +31,8 @@ MIN_TRAIN_STEPS = 500
 # accuracy at every lr rose by 1-4 points on two Debian sets (README). The linear probe has no hidden layer
 # to regularise this way (its best test accuracy fell by 1-2 points with it), so it keeps none.
 USER_DROPOUT = 0.5
+# The last `LATE_EPOCHS` epochs' mean dev accuracy ranks the lr candidates of a last-epoch run.
+LATE_EPOCHS = 10
 # `lr="auto"`: candidates tried on the first fold/run, the best dev accuracy wins (see training.search_lr).
 LR_GRID = (3e-4, 1e-3, 3e-3)
 
@@ -75,6 +77,13 @@ def resolve_dropout(dropout: Optional[float], manifest: dict, linear_probe: bool
     if dropout is not None:
         return float(dropout)
     return 0.0 if linear_probe or manifest.get("task") in PAPER_TASKS else USER_DROPOUT
+
+
+def resolve_selection(selection: Optional[str], manifest: dict) -> str:
+    """The checkpoint a split keeps; None is "last-epoch" on a user's task and "best-epoch" on the paper's."""
+    if selection is not None:
+        return selection
+    return "best-epoch" if manifest.get("task") in PAPER_TASKS else "last-epoch"
 
 
 def resolve_mixed_precision(choice: str) -> str:

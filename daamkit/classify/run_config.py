@@ -15,6 +15,7 @@ from daamkit.infra.errors import DaamkitError
 
 LOSSES = ("auto", "focal", "ce")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+SELECTIONS = ("best-epoch", "last-epoch")
 DEFAULT_DEV_FRACTION = 0.1
 
 
@@ -94,6 +95,7 @@ class DecoderRunConfig(RunConfig):
     heads: Optional[int] = None
     gaussians: Optional[int] = None
     dropout: Optional[float] = None
+    selection: Optional[str] = None
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -103,6 +105,8 @@ class DecoderRunConfig(RunConfig):
         check_decoder(self.decoder)
         _positive_int(self.heads, "heads", optional=True)
         _positive_int(self.gaussians, "gaussians", optional=True)
+        _require(self.selection is None or self.selection in SELECTIONS,
+                 f"`selection` must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         _require(self.dropout is None or (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
                                           and 0.0 <= self.dropout < 1.0),
                  f"`dropout` must be a number at least 0 and below 1, got {self.dropout!r}")

@@ -1,8 +1,9 @@
 """Training DAT decoders on a feature cache, with the paper's defaults and an honest protocol.
 
 `train_decoder` trains one model per fold (IEMOCAP) or per run (train/test tasks) through the shared
-split loop (`split_loop.fit_split`), picks each one's best epoch by accuracy on a dev split carved from
-its training pool (never the test items), re-scores the best checkpoint on the test items, and writes
+split loop (`split_loop.fit_split`), keeps each one's best epoch by accuracy on a dev split carved from
+its training pool (never the test items) or, on a user's task, its last epoch (`selection`), re-scores
+that checkpoint on the test items, and writes
 `run.json`, `metrics.json`, the checkpoints, TensorBoard logs and (for DAAM decoders) the Importance
 Factor outputs into the run folder. `resume=True` continues an interrupted run exactly.
 """
@@ -27,6 +28,7 @@ from daamkit.classify.decoders import (
 )
 from daamkit.classify.evaluation import accuracy, load_split_decoder, predict, score_run
 from daamkit.classify.experiment import (
+    LATE_EPOCHS,
     LR_GRID,
     METRICS_FILE,
     RUN_FILE,
@@ -41,6 +43,7 @@ from daamkit.classify.experiment import (
     resolve_dropout,
     resolve_lr,
     resolve_mixed_precision,
+    resolve_selection,
 )
 from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.importance import IMPORTANCE_DIR, write_importance
@@ -86,7 +89,8 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
     context = load_run(out_dir)
     accelerator = make_accelerator(run["mixed_precision"], cpu=cpu)
     log(f"{run['method']}: {run['epochs']} epochs, batch {run['batch_size']}, lr {run['lr']}, "
-        f"layers {','.join(map(str, run['layer_numbers']))}" + (" (resumed)" if resume else ""))
+        f"layers {','.join(map(str, run['layer_numbers']))}, keeps the {run.get('selection', 'best-epoch')}"
+        + (" (resumed)" if resume else ""))
     history = {}
     plans = context.plans
     if run["lr"] == "auto":
@@ -144,6 +148,7 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
         "batch_size": batch_size,
         "weight_decay": config.weight_decay,
         "loss": ("focal" if is_speech(manifest) else "ce") if config.loss == "auto" else config.loss,
+        "selection": resolve_selection(config.selection, manifest),
         "dev_fraction": config.dev_fraction,
         "seed": config.seed,
         "runs": config.runs,
@@ -155,9 +160,10 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
 def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
     """`lr="auto"`: train `plan` once per learning rate of LR_GRID, keep the best by dev accuracy.
 
-    The winner (highest best-epoch dev accuracy; ties go to the higher mean dev accuracy over all epochs,
-    i.e. the faster, steadier learner) becomes the run's `lr` in run.json, its checkpoint is the split's
-    best checkpoint, and every later split trains with it. Cost: len(LR_GRID) trainings of the first split.
+    The winner (best-epoch runs: the highest best-epoch dev accuracy; last-epoch runs: the highest mean dev
+    accuracy over the last LATE_EPOCHS epochs, i.e. of the converged model, not of one lucky epoch; ties go
+    to the higher mean dev accuracy over all epochs) becomes the run's `lr` in run.json, its checkpoint is
+    the split's checkpoint, and every later split trains with it. Cost: len(LR_GRID) trainings of the first split.
     """
     run = context.run
     results = []
@@ -166,24 +172,29 @@ def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
         history = fit_split(_DecoderJob(context, plan, accelerator), epochs=run["epochs"], lr=lr, loss=run["loss"],
                             accelerator=accelerator, folder=folder,
                             log_dir=context.run_dir / "tensorboard" / LR_SEARCH_DIR / f"lr{lr:g}" / plan.name,
-                            label=f"{plan.name} lr {lr:g}")
+                            label=f"{plan.name} lr {lr:g}", selection=run.get("selection", "best-epoch"))
         dev = [record["dev_accuracy"] for record in history]
-        results.append({"lr": lr, "best_dev_accuracy": max(dev), "mean_dev_accuracy": sum(dev) / len(dev),
+        score = max(dev) if run.get("selection", "best-epoch") == "best-epoch" else _mean(dev[-LATE_EPOCHS:])
+        results.append({"lr": lr, "dev_accuracy": score, "mean_dev_accuracy": _mean(dev),
                         "history": history, "folder": folder})
-    winner = max(results, key=lambda r: (r["best_dev_accuracy"], r["mean_dev_accuracy"]))
+    winner = max(results, key=lambda r: (r["dev_accuracy"], r["mean_dev_accuracy"]))
     if accelerator.is_main_process:
         target = context.checkpoint_dir(plan.name)
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(winner["folder"] / "best", target)
         run["lr"] = winner["lr"]
         run["lr_search"] = {"split": plan.name, "grid": list(LR_GRID), "chosen": winner["lr"],
-                            "dev_accuracy": {f"{r['lr']:g}": r["best_dev_accuracy"] for r in results}}
+                            "dev_accuracy": {f"{r['lr']:g}": r["dev_accuracy"] for r in results}}
         atomic_write_json(context.run_dir / RUN_FILE, run)
     accelerator.wait_for_everyone()
     run["lr"] = winner["lr"]
     log(f"lr auto: {winner['lr']:g} (dev accuracy " +
-        ", ".join(f"{r['lr']:g}: {r['best_dev_accuracy']:.3f}" for r in results) + ")")
+        ", ".join(f"{r['lr']:g}: {r['dev_accuracy']:.3f}" for r in results) + ")")
     return winner["history"]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
@@ -191,7 +202,8 @@ def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict
     run = context.run
     return fit_split(_DecoderJob(context, plan, accelerator), epochs=run["epochs"], lr=run["lr"], loss=run["loss"],
                      accelerator=accelerator, folder=context.run_dir / "splits" / plan.name,
-                     log_dir=context.run_dir / "tensorboard" / plan.name, label=f"{plan.name} train")
+                     log_dir=context.run_dir / "tensorboard" / plan.name, label=f"{plan.name} train",
+                     selection=run.get("selection", "best-epoch"))
 
 
 class _DecoderJob:

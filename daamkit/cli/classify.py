@@ -88,7 +88,7 @@ def train(
     epochs: Optional[int] = typer.Option(
         _R("epochs"), "--epochs", help="Epochs per fold/run [default: 35, more on small data: at least 500 steps]."),
     lr: Optional[str] = typer.Option(
-        _R("lr"), "--lr", help="Learning rate or auto (best dev accuracy of 3e-4, 1e-3, 3e-3 on the first split; "
+        _R("lr"), "--lr", help="Learning rate or auto (3e-4, 1e-3 or 3e-3, by dev accuracy on the first split; "
         "in --config a string such as \"1e-3\") [default: auto on your own data; the paper's 1e-4 (5e-5 for "
         "Llama) on iemocap/agnews/cifar100]."),
     batch_size: Optional[int] = typer.Option(_R("batch_size"), "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
@@ -102,6 +102,9 @@ def train(
     dropout: Optional[float] = typer.Option(
         _R("dropout"), "--dropout", help="Dropout on the classifier's inputs [default: 0.5 for DAT decoders on "
         "your own data; 0 for linear and, as in the paper, on iemocap/agnews/cifar100]."),
+    selection: Optional[str] = typer.Option(
+        _R("selection"), "--selection", help="Checkpoint kept per fold/run: best-epoch (highest dev accuracy) | "
+        "last-epoch [default: last-epoch on your own data; best-epoch, the paper's, on iemocap/agnews/cifar100]."),
     dev_fraction: float = typer.Option(_R("dev_fraction"), "--dev-fraction", help="Share of the training pool held out as dev."),
     loss: str = typer.Option(_R("loss"), "--loss", help="auto (focal for speech, else ce) | focal | ce"),
     weight_decay: float = typer.Option(_R("weight_decay"), "--weight-decay", help="AdamW weight decay."),
