@@ -27,9 +27,10 @@ PAPER_EPOCHS = 35
 # hundred items 35 epochs are a few hundred steps, so the default budget is at least this many steps.
 MIN_TRAIN_STEPS = 500
 # Dropout on a DAT decoder's classifier inputs on a user's task (the paper's tasks: none). On a few hundred
-# items the conv head memorises the training set within a few epochs; with 0.5 the DAAM decoders' test
-# accuracy at every lr rose by 1-4 points on two Debian sets (README). The linear probe has no hidden layer
-# to regularise this way (its best test accuracy fell by 1-2 points with it), so it keeps none.
+# items the conv head memorises the training set within a few epochs; with 0.5 the last-epoch test accuracy
+# of daam-v1 and mixture rose by 1-4 points at most lrs on two Debian sets (daam-v2: about unchanged). The
+# linear probe has no hidden layer to regularise this way (its best test accuracy fell by 1-2 points with
+# it), so it keeps none.
 USER_DROPOUT = 0.5
 # The last `LATE_EPOCHS` epochs' mean dev accuracy ranks the lr candidates of a last-epoch run.
 LATE_EPOCHS = 10
