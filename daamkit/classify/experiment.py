@@ -43,6 +43,11 @@ def is_speech(manifest: dict) -> bool:
     return manifest.get("task") in SPEECH_TASKS
 
 
+def is_paper_task(manifest: dict) -> bool:
+    """The paper's experiments keep the paper's recipe; every other task gets the small-data defaults."""
+    return manifest.get("task") in PAPER_TASKS
+
+
 def default_lr(manifest: dict) -> float:
     """1e-4, or 5e-5 when the frozen encoder is a Llama model (paper defaults)."""
     return 5e-5 if "llama" in str(manifest.get("encoder", "")).lower() else 1e-4
@@ -55,7 +60,7 @@ def default_batch_size(manifest: dict) -> int:
 def resolve_lr(lr, manifest: dict) -> float | str:
     """A positive float, or "auto"; None is "auto" on a user's task and the paper's value on the paper's tasks."""
     if lr is None:
-        return default_lr(manifest) if manifest.get("task") in PAPER_TASKS else "auto"
+        return default_lr(manifest) if is_paper_task(manifest) else "auto"
     if isinstance(lr, str) and lr.strip().lower() == "auto":
         return "auto"
     try:
@@ -77,14 +82,14 @@ def resolve_dropout(dropout: Optional[float], manifest: dict, linear_probe: bool
     """`dropout` as given; None is USER_DROPOUT for a DAT decoder on a user's task, else 0 (the paper's)."""
     if dropout is not None:
         return float(dropout)
-    return 0.0 if linear_probe or manifest.get("task") in PAPER_TASKS else USER_DROPOUT
+    return 0.0 if linear_probe or is_paper_task(manifest) else USER_DROPOUT
 
 
 def resolve_selection(selection: Optional[str], manifest: dict) -> str:
     """The checkpoint a split keeps; None is "last-epoch" on a user's task and "best-epoch" on the paper's."""
     if selection is not None:
         return selection
-    return "best-epoch" if manifest.get("task") in PAPER_TASKS else "last-epoch"
+    return "best-epoch" if is_paper_task(manifest) else "last-epoch"
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -160,6 +165,11 @@ class RunContext:
     @property
     def layer_positions(self) -> list[int]:
         return self.run["layer_positions"]
+
+    @property
+    def selection(self) -> str:
+        """The checkpoint each split keeps (runs saved before `selection` existed kept the best epoch)."""
+        return self.run.get("selection", "best-epoch")
 
     def checkpoint_dir(self, split_name: str) -> Path:
         return split_checkpoint_dir(self.run_dir, split_name)

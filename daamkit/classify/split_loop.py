@@ -116,7 +116,8 @@ def fit_split(job: SplitJob, *, epochs: int, lr: float, loss: str, accelerator, 
                 for key in ("train_loss", "dev_accuracy", "lr"):
                     writer.add_scalar(key.replace("_", "/", 1), record[key], epoch)
             if accelerator.is_main_process:
-                if dev_accuracy > best or selection == "last-epoch":  # best-epoch: the first highest wins
+                keep = epoch == epochs if selection == "last-epoch" else dev_accuracy > best  # first highest wins
+                if keep:
                     save_checkpoint(folder / "best", job.checkpoint_state(),
                                     {**job.checkpoint_config(), "best_epoch": epoch, "dev_accuracy": dev_accuracy})
                 save_checkpoint(last, job.checkpoint_state(), {"history": history}, _training_state(

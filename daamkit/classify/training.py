@@ -89,7 +89,7 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
     context = load_run(out_dir)
     accelerator = make_accelerator(run["mixed_precision"], cpu=cpu)
     log(f"{run['method']}: {run['epochs']} epochs, batch {run['batch_size']}, lr {run['lr']}, "
-        f"layers {','.join(map(str, run['layer_numbers']))}, keeps the {run.get('selection', 'best-epoch')}"
+        f"layers {','.join(map(str, run['layer_numbers']))}, keeps the {context.selection}"
         + (" (resumed)" if resume else ""))
     history = {}
     plans = context.plans
@@ -172,9 +172,9 @@ def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
         history = fit_split(_DecoderJob(context, plan, accelerator), epochs=run["epochs"], lr=lr, loss=run["loss"],
                             accelerator=accelerator, folder=folder,
                             log_dir=context.run_dir / "tensorboard" / LR_SEARCH_DIR / f"lr{lr:g}" / plan.name,
-                            label=f"{plan.name} lr {lr:g}", selection=run.get("selection", "best-epoch"))
+                            label=f"{plan.name} lr {lr:g}", selection=context.selection)
         dev = [record["dev_accuracy"] for record in history]
-        score = max(dev) if run.get("selection", "best-epoch") == "best-epoch" else _mean(dev[-LATE_EPOCHS:])
+        score = max(dev) if context.selection == "best-epoch" else _mean(dev[-LATE_EPOCHS:])
         results.append({"lr": lr, "dev_accuracy": score, "mean_dev_accuracy": _mean(dev),
                         "history": history, "folder": folder})
     winner = max(results, key=lambda r: (r["dev_accuracy"], r["mean_dev_accuracy"]))
@@ -203,7 +203,7 @@ def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict
     return fit_split(_DecoderJob(context, plan, accelerator), epochs=run["epochs"], lr=run["lr"], loss=run["loss"],
                      accelerator=accelerator, folder=context.run_dir / "splits" / plan.name,
                      log_dir=context.run_dir / "tensorboard" / plan.name, label=f"{plan.name} train",
-                     selection=run.get("selection", "best-epoch"))
+                     selection=context.selection)
 
 
 class _DecoderJob:
