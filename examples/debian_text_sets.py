@@ -1,4 +1,4 @@
-"""Three small, real labelled text sets for the small-data walkthrough: Debian package descriptions by section.
+"""Five small, real labelled text sets for the small-data walkthrough: Debian package descriptions by section.
 
 Reads `apt-cache dumpavail` (run `apt-get update` once first), keeps one item per distinct short
 description, and writes `text-csv` folders (train.csv / test.csv with columns text,label):
@@ -6,6 +6,8 @@ description, and writes `text-csv` folders (train.csv / test.csv with columns te
     OUT/debian6: 6 sections (games, science, sound, graphics, net, text), 100 train + 50 test each
     OUT/debian5: 5 other sections (mail, editors, video, database, math), 80 train + 40 test each
     OUT/debian7: 7 more sections (admin, devel, electronics, fonts, localization, web, x11), 60 train + 40 test each
+    OUT/lang6: 6 programming-language sections (python, perl, ruby, haskell, javascript, java), 50 train + 40 test each
+    OUT/desk4: 4 sections (gnome, kde, httpd, interpreters), 80 train + 40 test each
 
 Usage: python examples/debian_text_sets.py OUT
 The exact items depend on the machine's package lists (here: Debian bookworm + bookworm-security).
@@ -21,6 +23,8 @@ SETS = {
     "debian6": (["games", "science", "sound", "graphics", "net", "text"], 100, 50, 0),
     "debian5": (["mail", "editors", "video", "database", "math"], 80, 40, 1),
     "debian7": (["admin", "devel", "electronics", "fonts", "localization", "web", "x11"], 60, 40, 2),
+    "lang6": (["python", "perl", "ruby", "haskell", "javascript", "java"], 50, 40, 3),
+    "desk4": (["gnome", "kde", "httpd", "interpreters"], 80, 40, 4),
 }
 
 

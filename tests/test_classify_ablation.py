@@ -27,11 +27,13 @@ KNOWN_RANKING = [5, 2, 8, 1, 7, 3, 6, 4]  # encoder layer numbers, most importan
 
 @pytest.fixture(scope="module")
 def daam_run(tmp_path_factory):
-    """A finished daam-v1 run (2 seeded runs) whose IF ranking is then replaced by a known one."""
+    """A finished daam-v1 run (2 seeded runs, head, dropout and selection other than the paper task's defaults)
+    whose IF ranking is then replaced by a known one."""
     root = tmp_path_factory.mktemp("ablation")
     cache = write_train_test_cache(root / "cache", num_layers=8, num_train=30, num_test=12)
     run_dir = root / "daam"
-    train_decoder(cache, "daam-v1", run_dir, epochs=1, runs=2, heads=4, seed=3)
+    train_decoder(cache, "daam-v1", run_dir, epochs=1, runs=2, heads=4, seed=3, head="linear", dropout=0.25,
+                  selection="last-epoch")
     path = run_dir / "importance" / "importance.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "ranked_layers": KNOWN_RANKING}))
     return cache, run_dir
@@ -59,6 +61,7 @@ def test_ablation_trains_top_and_bottom_layers_with_the_runs_settings(daam_run, 
     assert [c["layers"] for c in calls] == ["2,5,8", "3,4,6"]
     for call in calls:  # same settings, seeds and runs as the source run; heads: 2+ layers each
         assert (call["epochs"], call["runs"], call["seed"], call["heads"]) == (1, 2, 3, 1)
+        assert (call["head"], call["dropout"], call["selection"]) == ("linear", 0.25, "last-epoch")
     top = json.loads((tmp_path / "abl" / "top" / "metrics.json").read_text())
     bottom = json.loads((tmp_path / "abl" / "bottom" / "metrics.json").read_text())
     assert top["layers"] == [2, 5, 8] and bottom["layers"] == [3, 4, 6] and top["seeds"] == [3, 4]
@@ -89,10 +92,11 @@ def test_ablation_errors(daam_run, tmp_path):
     assert result.exit_code == 2 and "is not a finished run" in result.output
 
 
-def test_single_layer_ablation_trains_the_conv_head_without_daam(daam_run, tmp_path):
+def test_single_layer_ablation_trains_the_head_without_daam(daam_run, tmp_path):
     cache, run_dir = daam_run
     result = run_ablation(run_dir, k=1, out_dir=tmp_path / "abl1")
     top = json.loads((tmp_path / "abl1" / "top" / "metrics.json").read_text())
     assert top["decoder"] == "conv-head" and top["attention_parameters"] == 0 and top["layers"] == [5]
+    assert top["decoder_parameters"] == 16 * 3 + 3  # the source run's linear head over the one layer
     assert "(no DAAM: identity over one layer)" in top["method"]
     assert "| Top-1 IF layers | 5 |" in result["markdown"]

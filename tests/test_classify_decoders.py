@@ -130,6 +130,28 @@ def test_dropout_acts_on_the_classifier_inputs_only_while_training(name):
     assert torch.equal(model(x), model(x)) and torch.equal(model(x), plain(x))
 
 
+@pytest.mark.parametrize("name", ATTENTION_DECODERS)
+def test_linear_head_classifies_the_attention_output_directly(name):
+    """head="linear": attention stage -> flatten -> one Linear layer (no conv), the same attention parameters."""
+    torch.manual_seed(0)
+    conv = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name]))
+    model = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="linear"))
+    assert conv.config.head == "conv" and model.config.head == "linear"
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in model.head.modules())
+    width = model.attention.out_features
+    assert count_parameters(model) == expected_attention_parameters(name) + N * width * C + C
+    model.eval()
+    x = torch.randn(5, N, D)
+    attended, _ = model.attention(x)
+    assert torch.allclose(model(x), model.head[-1](attended.flatten(1)), atol=1e-6)
+
+
+def test_a_decoder_config_saved_before_heads_existed_builds_the_conv_head():
+    saved = decoder_config("daam-v1", N, D, C, heads=2).to_dict()
+    del saved["head"]
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in build_decoder(DecoderConfig(**saved)).modules()) == 2
+
+
 def test_gaussian_ranges_only_for_density_decoders():
     assert gaussian_parameter_ranges(_decoder("mha")) is None
     ranges = gaussian_parameter_ranges(_decoder("daam-v1"))
@@ -148,6 +170,8 @@ def test_gaussian_ranges_only_for_density_decoders():
     (("daam-v2", 8, 32, 1, None), "at least 2 classes"),
     (("daam-v1", 8, 32, 3, 2, None, 1.0), "`dropout` must be at least 0 and below 1, got 1.0"),
     (("linear", 1, 32, 3, None, None, -0.1), "`dropout` must be at least 0 and below 1"),
+    (("daam-v1", 8, 32, 3, 2, None, 0.0, "mlp"), "`head` must be one of conv, linear, got 'mlp'"),
+    (("linear", 1, 32, 3, None, None, 0.0, "conv"), "decoder linear is one Linear layer and has no conv head"),
 ])
 def test_bad_decoder_settings_are_one_clear_error(args, message):
     with pytest.raises(DaamkitError, match=message):

@@ -10,7 +10,15 @@ from typer.testing import CliRunner
 from classify_caches import one_torch_thread, write_session_cache, write_train_test_cache  # noqa: F401
 from daamkit.classify.batches import FeatureBatches
 from daamkit.classify.evaluation import evaluate_run
-from daamkit.classify.experiment import LATE_EPOCHS, LR_GRID, MIN_TRAIN_STEPS, PAPER_EPOCHS, USER_DROPOUT, default_epochs
+from daamkit.classify.experiment import (
+    LATE_EPOCHS,
+    LR_GRID,
+    MIN_TRAIN_STEPS,
+    PAPER_EPOCHS,
+    USER_DROPOUT,
+    USER_HEAD,
+    default_epochs,
+)
 from daamkit.classify.importance import importance_run
 from daamkit.classify.report import build_report, render_report
 from daamkit.classify.split_loop import focal_loss
@@ -261,6 +269,19 @@ def test_dat_decoder_dropout_default_depends_on_the_task(tmp_path, task, options
     cache = write_train_test_cache(tmp_path / "cache", task=task, num_train=48)
     train_decoder(cache, "mha", tmp_path / "run", epochs=1, lr=1e-3, heads=2, **options)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["decoder"]["dropout"] == expected
+
+
+@pytest.mark.parametrize(("task", "options", "expected"), [
+    ("text-csv", {}, USER_HEAD),  # a DAT decoder on a user's task: the attention output goes straight to a Linear
+    ("agnews", {}, "conv"),  # the paper's tasks keep the paper's conv head
+    ("text-csv", {"head": "conv"}, "conv"),
+])
+def test_dat_decoder_head_default_depends_on_the_task(tmp_path, task, options, expected):
+    cache = write_train_test_cache(tmp_path / "cache", task=task, num_train=48)
+    metrics = train_decoder(cache, "daam-v1", tmp_path / "run", epochs=1, lr=1e-3, heads=2, **options)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["decoder"]["head"] == expected
+    conv_parameters = 2 * 9 * 512 * 4 + 512 + 4  # the two conv layers of the paper's head over the 4 layers
+    assert (metrics["decoder_parameters"] - metrics["attention_parameters"] > conv_parameters) == (expected == "conv")
 
 
 def test_default_epochs_reach_the_step_floor():

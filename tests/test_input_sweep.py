@@ -78,6 +78,10 @@ SWEEP = [
     (["vqvae", "train", "--steps", "abc", "--out", "{root}/new"], "Invalid value for '--steps'"),
     (["vqvae", "train", "--stepz", "3", "--out", "{root}/new"], "No such option: --stepz"),
     (["classify", "train", "--epochs", "many"], "Invalid value for '--epochs'"),
+    (["classify", "train", "--features", "{root}/cache", "--decoder", "mha", "--head", "mlp", "--out", "{root}/new"],
+     "--head must be one of conv, linear, got 'mlp'"),
+    (["classify", "train", "--features", "{root}/cache", "--decoder", "linear", "--head", "conv", "--out", "{root}/new"],
+     "decoder linear is one Linear layer and has no conv head; leave --head unset"),
     (["vqvae", "reconstruct", CKPT], "Missing argument"),
     # --config values of the wrong type or kind
     (["vqvae", "train", "--config", "{root}/data5.toml", "--out", "{root}/new"], "--data must be a string, got 5"),

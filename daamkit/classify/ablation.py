@@ -66,7 +66,9 @@ def _train_or_reuse(features: Path, run: dict, out: Path, layers: list[int], lab
     return train_decoder(
         features, decoder, out, layers=",".join(map(str, layers)), epochs=run["epochs"], lr=run["lr"],
         batch_size=run["batch_size"], seed=run["seed"], runs=run["runs"], heads=heads,
-        gaussians=run["decoder"]["gaussians"], dev_fraction=run["dev_fraction"], loss=run["loss"],
+        gaussians=run["decoder"]["gaussians"], dropout=run["decoder"].get("dropout", 0.0),
+        head=run["decoder"].get("head", "conv"), selection=run.get("selection", "best-epoch"),
+        dev_fraction=run["dev_fraction"], loss=run["loss"],
         weight_decay=run["weight_decay"], mixed_precision=mixed_precision, cpu=cpu,
         method=f"{run['method']} · {label}{method}", resume=(out / RUN_FILE).is_file(),
     )
@@ -76,12 +78,12 @@ def ablation_decoder(source: dict, num_layers: int) -> tuple[str, Optional[int],
     """(decoder, heads, label suffix) for the source decoder on `num_layers` layers, said in one log line.
 
     Every head must span at least 2 layers, so heads are the source's or fewer. Over one layer DAAM is the
-    identity (its gate is exactly 1), so a single-layer ablation trains the conv head alone, labelled so.
+    identity (its gate is exactly 1), so a single-layer ablation trains the decoder's head alone, labelled so.
     """
     name = source["decoder"]
     if num_layers < MIN_LAYERS_PER_HEAD:
         log(f"ablation on {num_layers} layer: DAAM over one layer is the identity, so the {name} decoder is "
-            "trained without it (conv head only)")
+            "trained without it (its head only)")
         return "conv-head", None, " (no DAAM: identity over one layer)"
     heads = min(source["heads"], max_density_heads(num_layers))
     log(f"ablation on {num_layers} layers: {name} with {heads} head(s) (the source run had {source['heads']}; "

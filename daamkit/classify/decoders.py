@@ -1,13 +1,17 @@
-"""DAT decoders: an attention module over the encoder's layer tokens, then the paper's conv head; and the
-linear probe every table compares them with. Decoders come from one registry (`REGISTRY`).
+"""DAT decoders: an attention module over the encoder's layer tokens, then a head; and the linear probe
+every table compares them with. Decoders come from one registry (`REGISTRY`).
 
 Input is one pooled vector per encoder layer, `[B, N_layers, d]`. Every attention module treats the N
-layers as the token (or norm) axis of one item, never the batch axis (the authors' MHA attends across
-the batch by mistake). The head reshapes the attention output `[B, N, w]` into `[B, N, h, w']` images
-(h * w' = w, as square as possible), applies Conv2d(N->512, 3x3) -> ReLU -> Conv2d(512->N, 3x3) -> ReLU,
-flattens and classifies with one Linear layer. Everything outside the attention module is Xavier-initialised.
-`dropout` (0 in the paper) drops the classifier's inputs while training: on a user's few hundred items the
-head otherwise memorises the training set within a few epochs.
+layers as the token (or norm) axis of one item, never the batch axis (the authors' MHA attends across the
+batch by mistake). Heads (`HEADS`):
+- `conv`, the paper's: reshape the attention output `[B, N, w]` into `[B, N, h, w']` images (h * w' = w, as
+  square as possible), Conv2d(N->512, 3x3) -> ReLU -> Conv2d(512->N, 3x3) -> ReLU, flatten, one Linear layer;
+- `linear`: flatten the attention output and classify it with one Linear layer, so the attention stage is
+  the decoder's only non-linearity. On a user's few hundred items the conv head's 3x3 filters over an
+  arbitrary folding of the feature vector cost accuracy and most of the training time.
+Everything outside the attention module is Xavier-initialised. `dropout` (0 in the paper) drops the
+classifier's inputs while training: on a user's few hundred items the head otherwise memorises the
+training set within a few epochs.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ GQA_KV_HEADS = 2
 GQA_HEAD_DIM = 64
 GQDAAM_QUERY_HEADS = 8  # GQDAAM's GQA stage keeps the paper's 8 query heads; `heads` sets its DAAM heads
 CONV_CHANNELS = 512
+HEADS = ("conv", "linear")
 # A density head standardises over its own chunk of layers: over one layer the value is always 0, so the
 # gate is exactly 1 and its parameters get zero gradients (DAAM is inert). Every head needs this many.
 MIN_LAYERS_PER_HEAD = 2
@@ -41,7 +46,11 @@ MIN_LAYERS_PER_HEAD = 2
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Everything needed to rebuild a decoder (stored in checkpoints and run.json); `heads` is None for linear."""
+    """Everything needed to rebuild a decoder (stored in checkpoints and run.json); `heads` is None for linear.
+
+    `head` is the DAT decoder's head (see the module docstring); run folders saved before it existed used `conv`.
+    The linear probe's head is `linear`.
+    """
 
     decoder: str
     num_layers: int
@@ -50,6 +59,7 @@ class DecoderConfig:
     heads: Optional[int]
     gaussians: int = DEFAULT_GAUSSIANS
     dropout: float = 0.0
+    head: str = "conv"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +130,7 @@ class DecoderSpec:
     a density gate (Importance Factor, Gaussian table) and need `MIN_LAYERS_PER_HEAD` layers per head.
     `paper_heads` is the paper's head count (Table 1), None where heads do not apply. `heads_problem`
     says why a head count does not fit the hidden size (None when it does). `table_row`: a row
-    `classify reproduce` trains (the ablation-only conv head is not).
+    `classify reproduce` trains (the ablation-only `conv-head`, a head without attention, is not).
     """
 
     attention: Optional[Callable[[DecoderConfig], tuple[nn.Module, int]]]
@@ -137,7 +147,7 @@ class DecoderSpec:
 
 REGISTRY: dict[str, DecoderSpec] = {
     "linear": DecoderSpec(None, None),
-    # The DAT conv head alone: what a density decoder over one layer amounts to (DAAM there is the identity).
+    # A DAT decoder's head alone: what a density decoder over one layer amounts to (DAAM there is the identity).
     "conv-head": DecoderSpec(_no_attention, None, table_row=False),
     "mha": DecoderSpec(_mha, 8, heads_problem=_heads_divide_width),
     "mha-bn": DecoderSpec(_mha_bn, 8, heads_problem=_heads_divide_width),
@@ -185,11 +195,13 @@ def decoder_config(
     heads: Optional[int] = None,
     gaussians: Optional[int] = None,
     dropout: float = 0.0,
+    head: Optional[str] = None,
 ) -> DecoderConfig:
     """Validate a decoder choice against the cache shape; every bad combination is one DaamkitError line.
 
     With `heads=None` a density decoder takes the paper's head count or fewer (see `default_heads`) and
     says so when it had to lower it; an explicit `heads` that leaves a head fewer than 2 layers is refused.
+    `head=None` is the paper's `conv` head for a DAT decoder; the linear probe's head is always `linear`.
     """
     spec = check_decoder(decoder)
     gaussians = DEFAULT_GAUSSIANS if gaussians is None else gaussians
@@ -197,6 +209,8 @@ def decoder_config(
         raise DaamkitError(f"`heads` and `gaussians` must be at least 1, got {heads} and {gaussians}")
     if not 0.0 <= dropout < 1.0:
         raise DaamkitError(f"`dropout` must be at least 0 and below 1, got {dropout}")
+    if head is not None and head not in HEADS:
+        raise DaamkitError(f"`head` must be one of {', '.join(HEADS)}, got {head!r}")
     if num_classes < 2:
         raise DaamkitError(f"a classifier needs at least 2 classes, the feature cache has {num_classes}")
     if spec.paper_heads is None and heads is not None:
@@ -205,7 +219,9 @@ def decoder_config(
         if num_layers != 1:
             raise DaamkitError(f"decoder {decoder} reads one layer's pooled features, got {num_layers} layers; "
                                "choose one with `layers` (e.g. 12) or leave it unset for the last one")
-        return DecoderConfig(decoder, num_layers, hidden_size, num_classes, None, gaussians, dropout)
+        if head == "conv":
+            raise DaamkitError(f"decoder {decoder} is one Linear layer and has no conv head; leave `head` unset")
+        return DecoderConfig(decoder, num_layers, hidden_size, num_classes, None, gaussians, dropout, "linear")
     if spec.density:
         if num_layers < MIN_LAYERS_PER_HEAD:
             raise DaamkitError(
@@ -227,7 +243,7 @@ def decoder_config(
     problem = None if heads is None else spec.heads_problem(decoder, heads, hidden_size)
     if problem:
         raise DaamkitError(problem)
-    return DecoderConfig(decoder, num_layers, hidden_size, num_classes, heads, gaussians, dropout)
+    return DecoderConfig(decoder, num_layers, hidden_size, num_classes, heads, gaussians, dropout, head or "conv")
 
 
 def grid_shape(width: int) -> tuple[int, int]:
@@ -254,7 +270,7 @@ class _AttentionStage(nn.Module):
 
 
 class DATDecoder(nn.Module):
-    """Attention module over layer tokens -> conv head on each layer's feature image -> linear classifier."""
+    """Attention module over layer tokens -> head (conv on each layer's feature image, or none) -> Linear."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -262,21 +278,16 @@ class DATDecoder(nn.Module):
         self.attention = _AttentionStage(config)
         n, width = config.num_layers, self.attention.out_features
         self.grid = grid_shape(width)
-        self.head = nn.Sequential(
-            nn.Conv2d(n, CONV_CHANNELS, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(CONV_CHANNELS, n, 3, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(n * width, config.num_classes),
-        )
+        conv = [nn.Conv2d(n, CONV_CHANNELS, 3, padding=1), nn.ReLU(), nn.Conv2d(CONV_CHANNELS, n, 3, padding=1),
+                nn.ReLU()] if config.head == "conv" else []
+        self.head = nn.Sequential(*conv, nn.Flatten(), nn.Linear(n * width, config.num_classes))
         self.dropout = nn.Dropout(config.dropout)
         _xavier(self.head)
 
     def forward(self, x: Tensor, return_gate: bool = False):
         """Logits `[B, classes]`; with `return_gate=True` also the density gate `[B, N, d]` (None if not DAAM)."""
         out, gate = self.attention(x, return_gate=return_gate)
-        features = self.head[:-1](out.unflatten(-1, self.grid))  # conv head, flattened
+        features = self.head[:-1](out.unflatten(-1, self.grid))  # the head up to the classifier, flattened
         logits = self.head[-1](self.dropout(features))
         return (logits, gate) if return_gate else logits
 

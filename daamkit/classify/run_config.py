@@ -95,16 +95,19 @@ class DecoderRunConfig(RunConfig):
     heads: Optional[int] = None
     gaussians: Optional[int] = None
     dropout: Optional[float] = None
+    head: Optional[str] = None
     selection: Optional[str] = None
     compile: bool = False
 
     def __post_init__(self) -> None:
-        from daamkit.classify.decoders import check_decoder
+        from daamkit.classify.decoders import HEADS, check_decoder
 
         super().__post_init__()
         check_decoder(self.decoder)
         _positive_int(self.heads, "heads", optional=True)
         _positive_int(self.gaussians, "gaussians", optional=True)
+        _require(self.head is None or self.head in HEADS,
+                 f"`head` must be one of {', '.join(HEADS)}, got {self.head!r}")
         _require(self.selection is None or self.selection in SELECTIONS,
                  f"`selection` must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         _require(self.dropout is None or (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)

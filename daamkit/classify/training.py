@@ -41,6 +41,7 @@ from daamkit.classify.experiment import (
     open_sources,
     plan_splits,
     resolve_dropout,
+    resolve_head,
     resolve_lr,
     resolve_mixed_precision,
     resolve_selection,
@@ -89,7 +90,8 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
     context = load_run(out_dir)
     accelerator = make_accelerator(run["mixed_precision"], cpu=cpu)
     log(f"{run['method']}: {run['epochs']} epochs, batch {run['batch_size']}, lr {run['lr']}, "
-        f"layers {','.join(map(str, run['layer_numbers']))}, keeps the {context.selection}"
+        f"layers {','.join(map(str, run['layer_numbers']))}, {run['decoder'].get('head', 'conv')} head, "
+        f"keeps the {context.selection}"
         + (" (resumed)" if resume else ""))
     history = {}
     plans = context.plans
@@ -125,7 +127,8 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
     if positions is None:
         positions = [len(cache.layers) - 1] if spec.one_layer else list(range(len(cache.layers)))
     decoder = decoder_config(config.decoder, len(positions), manifest["hidden_size"], len(cache.classes),
-                             config.heads, config.gaussians, resolve_dropout(config.dropout, manifest, spec.one_layer))
+                             config.heads, config.gaussians, resolve_dropout(config.dropout, manifest, spec.one_layer),
+                             config.head if spec.one_layer else resolve_head(config.head, manifest))
     batch_size = config.batch_size or default_batch_size(manifest)
     plans = plan_splits(manifest.get("grouping"), open_sources(cache), seed=config.seed, runs=config.runs,
                         dev_fraction=config.dev_fraction)
