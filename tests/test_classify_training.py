@@ -280,6 +280,7 @@ def test_dat_decoder_head_default_depends_on_the_task(tmp_path, task, options, e
     cache = write_train_test_cache(tmp_path / "cache", task=task, num_train=48)
     metrics = train_decoder(cache, "daam-v1", tmp_path / "run", epochs=1, lr=1e-3, heads=2, **options)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["decoder"]["head"] == expected
+    assert metrics["method"] == ("daam-v1 [head conv]" if options else "daam-v1")  # a head chosen by hand is named
     conv_parameters = 2 * 9 * 512 * 4 + 512 + 4  # the two conv layers of the paper's head over the 4 layers
     assert (metrics["decoder_parameters"] - metrics["attention_parameters"] > conv_parameters) == (expected == "conv")
 

@@ -142,8 +142,7 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
         "task": manifest.get("task"),
         "encoder": manifest.get("encoder"),
         "decoder": decoder.to_dict(),
-        "method": config.method or (config.decoder if config.layers is None
-                                    else f"{config.decoder} [layers {config.layers}]"),
+        "method": config.method or _method(config),
         "layer_positions": positions,
         "layer_numbers": [cache.layers[p] for p in positions],
         "epochs": config.epochs or default_epochs(min(len(plan.train) for plan in plans), batch_size),
@@ -158,6 +157,12 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
         "mixed_precision": resolve_mixed_precision(config.mixed_precision),
         "compile": config.compile,
     }
+
+
+def _method(config: DecoderRunConfig) -> str:
+    """The report row name: the decoder, with the layers and head when they were chosen by hand."""
+    chosen = [f"{name} {value}" for name, value in (("layers", config.layers), ("head", config.head)) if value]
+    return config.decoder + (f" [{', '.join(chosen)}]" if chosen else "")
 
 
 def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
