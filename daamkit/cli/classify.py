@@ -100,7 +100,7 @@ def train(
         _R("heads"), "--heads", help="Attention/DAAM heads [default: the paper's; DAAM: fewer, so each head spans 2+ layers]."),
     gaussians: Optional[int] = typer.Option(_R("gaussians"), "--gaussians", help="Gaussians per head (mixture) [default: 4]."),
     dropout: Optional[float] = typer.Option(
-        _R("dropout"), "--dropout", help="Dropout on the classifier's inputs [default: 0.5 for DAT decoders on "
+        _R("dropout"), "--dropout", help="Dropout on the classifier's inputs [default: 0.8 for DAT decoders on "
         "your own data; 0 for linear and, as in the paper, on iemocap/agnews/cifar100]."),
     head: Optional[str] = typer.Option(
         _R("head"), "--head", help="DAT decoder head after the attention stage: conv (the paper's 2 conv layers, 512 "
