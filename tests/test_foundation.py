@@ -23,6 +23,15 @@ def test_help_lists_sub_apps():
         assert name in result.output
 
 
+def test_help_keeps_the_default_notes_in_brackets():
+    """`[default: ...]` in a help text is shown, not swallowed as a Rich style tag."""
+    result = runner.invoke(app, ["classify", "train", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert "[default: linear on your own data; conv on iemocap/agnews/cifar100]" in result.output
+    result = runner.invoke(app, ["vqvae", "compare", "--help"], env={"COLUMNS": "300"})
+    assert "(OUT/VARIANT-seedK/, e.g. daam-seed0/)" in result.output
+
+
 def test_info_reports_versions_and_offline_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -73,13 +73,17 @@ class _UserErrorGroup(TyperGroup):
 
 
 def new_app(help_text: str) -> typer.Typer:
-    """A Typer app with the shared error handling, no shell-completion noise and no locals in tracebacks."""
+    """A Typer app with the shared error handling, no shell-completion noise and no locals in tracebacks.
+
+    Help texts are read as Markdown: Rich markup would swallow every `[default: ...]` note as a style tag.
+    """
     return typer.Typer(
         cls=_UserErrorGroup,
         help=help_text,
         add_completion=False,
         no_args_is_help=True,
         pretty_exceptions_show_locals=False,
+        rich_markup_mode="markdown",
     )
 
 

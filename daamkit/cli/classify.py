@@ -258,7 +258,7 @@ def ablate(
     run_dir: Path = typer.Argument(..., help="Finished DAAM run (daam-v1/v2, gqdaam, mixture) with its IF."),
     features: Optional[Path] = typer.Option(None, "--features", help="Feature cache [default: the run's]."),
     k: int = typer.Option(3, "--k", help="Number of top-IF and of bottom-IF layers."),
-    out: Optional[Path] = typer.Option(None, "--out", help="[default: RUN_DIR/ablation-k<K>]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="[default: RUN_DIR/ablation-kK, e.g. ablation-k3]"),
     mixed_precision: str = typer.Option("auto", "--mixed-precision", help=_MP_HELP),
     cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is present."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),

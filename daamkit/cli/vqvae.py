@@ -164,7 +164,7 @@ def compare(
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; every variant is trained once per seed."),
     eval_data: Optional[str] = typer.Option(
         None, help="Held-out images: a folder, a COCO root (val2017) or 'samples' (default: --data's held-out part)."),
-    out: Path = typer.Option(Path("runs/compare"), help="Folder of the runs (OUT/<variant>-seed<k>/) and the table."),
+    out: Path = typer.Option(Path("runs/compare"), help="Folder of the runs (OUT/VARIANT-seedK/, e.g. daam-seed0/) and the table."),
     as_json: bool = typer.Option(False, "--json", help="Print the comparison as one JSON object."),
     **shared: Any,
 ) -> None:
