@@ -8,7 +8,7 @@ batch by mistake). Heads (`HEADS`):
   square as possible), Conv2d(N->512, 3x3) -> ReLU -> Conv2d(512->N, 3x3) -> ReLU, flatten, one Linear layer;
 - `linear`: flatten the attention output and classify it with one Linear layer, so the attention stage is
   the decoder's only non-linearity. On a user's few hundred items the conv head's 3x3 filters over an
-  arbitrary folding of the feature vector cost accuracy and most of the training time.
+  arbitrary folding of the feature vector were no more accurate and took most of the training time.
 Everything outside the attention module is Xavier-initialised. `dropout` (0 in the paper) drops the
 classifier's inputs while training: on a user's few hundred items the head otherwise memorises the
 training set within a few epochs.
