@@ -113,6 +113,8 @@ SWEEP = [
     (["vqvae", "compare", "--out", "{root}/new", "--eval-data", "{root}/a_file.txt"],
      "--eval-data {root}/a_file.txt is a file, not a folder"),
     (["vqvae", "compare", "--out", "{root}/new", "--config", "{root}/lr_fast.toml"], "--lr must be a number"),
+    (["vqvae", "compare", "--out", "{root}/new", "--seeds", "0,,1"], "--seeds has an empty entry in '0,,1'"),
+    (["vqvae", "compare", "--out", "{root}/new", "--variants", "daam,"], "--variants has an empty entry in 'daam,'"),
     (["vqvae", "train", "--perceptual-weight", "0.1", "--image-size", "32", "--lpips-weights", "{root}/toml_dir",
       "--out", "{root}/new"], "--lpips-weights {root}/toml_dir is a folder"),
     (["vqvae", "train", "--perceptual-weight", "0.1", "--image-size", "32", "--lpips-weights", "{root}/a_file.txt",

@@ -149,9 +149,17 @@ def _with_train_options(command):
     return command
 
 
+def _comma_list(text: str, flag: str) -> list[str]:
+    """The entries of a comma-separated option; an empty entry (`0,,1`) is refused, not silently dropped."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise DaamkitError(f"{flag} has an empty entry in {text!r}; separate the values with single commas")
+    return parts
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in _comma_list(text, flag)]
     except ValueError:
         raise DaamkitError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
@@ -183,7 +191,7 @@ def compare(
                                     exclude=COMPARE_OWN | {"config", "preset", "variants", "seeds", "eval_data"},
                                     preset=preset_path(preset) if preset else None)
     model_config, train_config = _new_run_configs(values)
-    names = [part.strip() for part in variants.split(",") if part.strip()]
+    names = _comma_list(variants, "--variants")
     comparison = run_comparison(model_config, train_config, names, _int_list(seeds, "--seeds"), out, eval_data)
     typer.echo(json.dumps(comparison.to_dict()) if as_json else markdown_table(comparison).rstrip("\n"))
     if comparison.status == "interrupted":
