@@ -72,6 +72,22 @@ def test_user_errors_are_one_line_and_nonzero():
     assert "Traceback" not in result.output
 
 
+def test_ctrl_c_that_reaches_the_cli_is_one_line_and_exit_130():
+    demo = new_app("demo")
+
+    @demo.command()
+    def stop() -> None:
+        raise KeyboardInterrupt
+
+    @demo.command()
+    def other() -> None:
+        """A second command so Typer keeps sub-command names."""
+
+    result = runner.invoke(demo, ["stop"])
+    assert result.exit_code == 130
+    assert result.stderr.startswith("interrupted (Ctrl-C): files already written are kept") and "Traceback" not in result.output
+
+
 def test_unknown_command_fails():
     assert runner.invoke(app, ["nonsense"]).exit_code != 0
 

@@ -50,7 +50,8 @@ def _os_error_line(err: OSError) -> str:
 
 class _UserErrorGroup(TyperGroup):
     """Turns DaamkitError, file-system errors and option-parsing errors raised by any command into one line
-    on stderr + exit 2.
+    on stderr + exit 2, and a Ctrl-C that reaches the top (between a comparison's runs, during an
+    evaluation) into one line + exit 130.
 
     Also resets progress output, so a quiet command does not silence the next one run in the same process.
     """
@@ -70,6 +71,10 @@ class _UserErrorGroup(TyperGroup):
             where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
             click.echo(f"error: {err.format_message()}{where}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted (Ctrl-C): files already written are kept; run the same command again to "
+                       "continue a comparison, or pass --resume to continue a training run", err=True)
+            sys.exit(130)
 
 
 def new_app(help_text: str) -> typer.Typer:
