@@ -238,6 +238,18 @@ def test_unknown_names_are_reported_before_any_file_is_read(tmp_path):
     assert result.exit_code == 2 and "unknown task 'speech'" in result.stderr
 
 
+def test_config_file_takes_the_lr_as_a_number_or_as_auto(tmp_path):
+    cache = write_train_test_cache(tmp_path / "cache", task="text-csv", num_train=24)
+    for name, line, expected in [("number", "lr = 1e-3", 1e-3), ("auto", 'lr = "auto"', LR_GRID)]:
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'{line}\nepochs = 1\n')
+        result = runner.invoke(app, ["classify", "train", "--config", str(config), "--features", str(cache),
+                                     "--decoder", "linear", "--out", str(tmp_path / name), "--quiet", "--json"])
+        assert result.exit_code == 0, result.output
+        run = json.loads((tmp_path / name / "run.json").read_text())
+        assert run["lr"] == expected if name == "number" else run["lr_search"]["grid"] == list(expected)
+
+
 def test_linear_probe_with_lr_auto_on_a_user_task(tmp_path):
     """A user's task defaults to lr auto: each grid lr trains the first split, the best dev accuracy wins."""
     cache = write_train_test_cache(tmp_path / "cache", task="text-csv", num_train=48)

@@ -99,13 +99,15 @@ def option_types(ctx: click.Context) -> dict[str, Any]:
 
 
 def options_with_config(ctx: click.Context, config: Path | None, exclude: set[str] = frozenset(),
-                        preset: Path | None = None) -> tuple[dict[str, Any], set[str]]:
+                        preset: Path | None = None,
+                        file_types: dict[str, Any] | None = None) -> tuple[dict[str, Any], set[str]]:
     """This command's option values with `--config FILE.toml` filling the ones not typed (flags win), then a
-    preset file filling what neither set; each file value type-checked against the option's type. Also
-    returns the names set by the user (flags or files)."""
+    preset file filling what neither set; each file value type-checked against the option's type, or
+    against `file_types[name]` where a file may write it more naturally (`lr = 1e-3` for a "number or
+    auto" option). Also returns the names set by the user (flags or files)."""
     values = {key: value for key, value in ctx.params.items() if key not in exclude}
     given = explicit_options(ctx)
-    hints = option_types(ctx)
+    hints = {**option_types(ctx), **(file_types or {})}
     for layer in (config, preset):
         if layer is not None:
             from_file = read_toml(layer, {key: hints[key] for key in values})

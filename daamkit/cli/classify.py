@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import typer
 
@@ -15,12 +15,16 @@ app = new_app("Frozen-encoder DAT classifiers: extract, train, evaluate, importa
 # --- extract ---
 
 
-def _resolve_options(ctx: typer.Context, config: Optional[Path], quiet: bool, required: tuple[str, ...]) -> dict:
-    """This command's options merged with `--config` (flags win), required ones checked, progress set quiet."""
+def _resolve_options(ctx: typer.Context, config: Optional[Path], quiet: bool, required: tuple[str, ...],
+                     file_types: Optional[dict] = None) -> dict:
+    """This command's options merged with `--config` (flags win), required ones checked, progress set quiet.
+
+    `file_types`: option types a config file may use instead of the option's own (see options_with_config).
+    """
     from daamkit.infra.errors import DaamkitError
     from daamkit.infra.progress import set_quiet
 
-    values, _ = options_with_config(ctx, config, exclude={"config", "as_json", "quiet"})
+    values, _ = options_with_config(ctx, config, exclude={"config", "as_json", "quiet"}, file_types=file_types)
     for name in required:
         if values[name] is None:
             raise DaamkitError(f"--{name} is required (on the command line or in --config)")
@@ -88,8 +92,8 @@ def train(
     epochs: Optional[int] = typer.Option(
         _R("epochs"), "--epochs", help="Epochs per fold/run [default: 35, more on small data: at least 500 steps]."),
     lr: Optional[str] = typer.Option(
-        _R("lr"), "--lr", help="Learning rate or auto (3e-4, 1e-3 or 3e-3, by dev accuracy on the first split; "
-        "in --config a string such as \"1e-3\") [default: auto on your own data; the paper's 1e-4 (5e-5 for "
+        _R("lr"), "--lr", help="Learning rate or auto (3e-4, 1e-3 or 3e-3, by dev accuracy on the first split) "
+        "[default: auto on your own data; the paper's 1e-4 (5e-5 for "
         "Llama) on iemocap/agnews/cifar100]."),
     batch_size: Optional[int] = typer.Option(_R("batch_size"), "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
     seed: int = typer.Option(_R("seed"), "--seed", help="Seed of the first run; run r uses seed + r."),
@@ -126,7 +130,7 @@ def train(
     from daamkit.classify.training import train_decoder
 
     required = ("out",) if resume else ("features", "decoder", "out")
-    values = _resolve_options(ctx, config, quiet, required)
+    values = _resolve_options(ctx, config, quiet, required, file_types={"lr": Optional[Union[float, str]]})
     metrics = train_decoder(values.pop("features"), values.pop("decoder"), values.pop("out"), **values)
     if as_json:
         _echo_json(metrics)
