@@ -71,9 +71,21 @@ def test_weight_ema_averages_floats_and_copies_flags():
     with torch.no_grad():
         model.weight.fill_(5.0)
         model.num_batches_tracked.fill_(7)
-    ema.update(model)
+    ema.update(model, step=100)  # past the warm-up: the configured decay
     assert torch.allclose(ema.module.weight, torch.full((2,), 0.75 * 1 + 0.25 * 5))
     assert int(ema.module.num_batches_tracked) == 7 and not ema.module.weight.requires_grad
+
+
+def test_weight_ema_warms_up_so_a_short_run_is_not_its_initialisation():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = WeightEMA(model, 0.9999)
+    assert [ema.decay_at(step) for step in (0, 1, 8)] == [0.1, pytest.approx(2 / 11), pytest.approx(0.5)]
+    assert ema.decay_at(10**6) == 0.9999
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+        ema.module.weight.fill_(1.0)
+    ema.update(model, step=0)  # the first update keeps 10 % of the initial weights, not 99.99 %
+    assert ema.module.weight.item() == pytest.approx(0.1)
 
 
 def test_gan_and_weight_ema_run_resumes_bit_for_bit_and_evaluates_the_ema(image_dir, tmp_path, monkeypatch):

@@ -314,7 +314,7 @@ class Trainer:
         if gan_active:
             extra.update(self._discriminator_step(images, out.reconstruction.detach()))
         if self.weight_ema is not None:
-            self.weight_ema.update(self.raw_model)
+            self.weight_ema.update(self.raw_model, self.step)
         usage, perplexity = codebook_usage_and_perplexity(out.quant.counts)
         stats = {
             "loss": loss.item(), "recon": recon_loss.item(), "commitment": out.quant.commitment.item(),
