@@ -173,6 +173,27 @@ def test_report_markdown_and_json(session_run, agnews_run):
     assert json.loads(render_report(dirs, "json")) == report
 
 
+def test_report_names_the_rows_more_than_2_points_below_the_linear_probe(tmp_path):
+    def run(name, decoder, accuracies):
+        folder = tmp_path / name
+        folder.mkdir()
+        per_split = [{"name": f"run{i + 1}", "accuracy": a} for i, a in enumerate(accuracies)]
+        mean = sum(accuracies) / len(accuracies)
+        (folder / "metrics.json").write_text(json.dumps({
+            "method": name, "decoder": decoder, "task": "text-csv", "encoder": "e",
+            "accuracy": {"mean": mean, "std": 0.0, "per_split": per_split}}))
+        return folder
+
+    dirs = [run("linear", "linear", [0.80, 0.82]), run("mha", "mha", [0.80, 0.805]),
+            run("daam-v1", "daam-v1", [0.76, 0.77])]
+    (table,) = build_report(dirs)["tables"]
+    assert [row["method"] for row in table["behind_linear"]] == ["daam-v1"]
+    assert table["behind_linear"][0]["gap"] == pytest.approx(0.765 - 0.81)
+    text = render_report(dirs)
+    assert "(more than 2 points below the linear probe: daam-v1 -4.50;" in text and "no linear-probe row" not in text
+    assert "points below" not in render_report(dirs[1:])  # no probe, no comparison: the missing-row note instead
+
+
 def test_focal_loss_matches_its_formula():
     logits, target = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]]), torch.tensor([0, 2])
     p = torch.softmax(logits, -1)[torch.arange(2), target]

@@ -2,7 +2,8 @@
 
 One accuracy table per (task, encoder) and metric (chunk-level `accuracy`; IEMOCAP adds
 `utterance_accuracy`): one row per run (method), one column per fold/run, then mean +- std, as in the
-paper's Tables 2-4, and a note when no `linear` probe row is among them. Runs of DAAM decoders also fill the Gaussian-parameter table (paper Table 5): the
+paper's Tables 2-4, and a note when no `linear` probe row is among them, or naming the rows more than
+`BEHIND_LINEAR` below it. Runs of DAAM decoders also fill the Gaussian-parameter table (paper Table 5): the
 min and max of the learned mean offsets and scaled variances. Any run folder with a `metrics.json` of
 this shape takes part, so LoRA baselines land in the same tables (their `trainable_parameters`, when
 given, is shown as the trainable parameter count).
@@ -20,6 +21,8 @@ from daamkit.infra.errors import DaamkitError
 
 METRICS = ("accuracy", "utterance_accuracy")
 FORMATS = ("markdown", "json")
+# A row whose mean accuracy is this far below the best linear-probe row of its table is named under it.
+BEHIND_LINEAR = 0.02
 
 
 def _read_metrics(run_dir: Path) -> dict:
@@ -61,7 +64,19 @@ def build_report(run_dirs: Sequence[str | Path]) -> dict:
         if metrics.get("gaussian_parameters"):
             gaussian_rows.append({"method": method, "task": metrics.get("task"), "run_dir": str(run_dir),
                                   **metrics["gaussian_parameters"]})
+    for table in tables.values():
+        table["behind_linear"] = _behind_linear(table["rows"])
     return {"tables": list(tables.values()), "gaussian_parameters": gaussian_rows}
+
+
+def _behind_linear(rows: list[dict]) -> list[dict]:
+    """Rows whose mean is more than BEHIND_LINEAR below the best linear-probe row, with the gap (none without one)."""
+    probes = [row["mean"] for row in rows if row["decoder"] == "linear"]
+    if not probes:
+        return []
+    best = max(probes)
+    return [{"method": row["method"], "gap": row["mean"] - best} for row in rows
+            if row["decoder"] != "linear" and row["mean"] < best - BEHIND_LINEAR]
 
 
 def _percent(value) -> str:
@@ -88,6 +103,10 @@ def render_markdown(report: dict) -> str:
         if not any(row["decoder"] == "linear" for row in table["rows"]):
             lines.append("(no linear-probe row: train one with `classify train --decoder linear` on the same "
                          "features, the simplest honest baseline)")
+        elif table["behind_linear"]:
+            behind = ", ".join(f"{row['method']} {100 * row['gap']:+.2f}" for row in table["behind_linear"])
+            lines.append(f"(more than {100 * BEHIND_LINEAR:g} points below the linear probe: {behind}; on these "
+                         "features the simplest baseline is the better classifier for these rows)")
         lines.append("")
     if report["gaussian_parameters"]:
         lines += ["### Learned Gaussian parameters", "",
