@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from daamkit.classify.decoders import MIN_LAYERS_PER_HEAD, max_density_heads
-from daamkit.classify.experiment import METRICS_FILE, RUN_FILE, load_run
+from daamkit.classify.experiment import METRICS_FILE, RUN_FILE, RunContext, load_run
 from daamkit.classify.importance import IMPORTANCE_DIR
 from daamkit.classify.report import METRICS
 from daamkit.classify.training import train_decoder
@@ -49,7 +49,7 @@ def choose_layers(ranking: list[int], k: int) -> dict[str, list[int]]:
     return {"top": sorted(ranking[:k]), "bottom": sorted(ranking[-k:])}
 
 
-def _train_or_reuse(features: Path, run: dict, out: Path, layers: list[int], label: str, mixed_precision: str,
+def _train_or_reuse(context: RunContext, out: Path, layers: list[int], label: str, mixed_precision: str,
                     cpu: bool) -> dict:
     """metrics.json of the decoder trained on `layers` in `out` (trained now unless it already finished)."""
     path = out / METRICS_FILE
@@ -62,12 +62,13 @@ def _train_or_reuse(features: Path, run: dict, out: Path, layers: list[int], lab
             )
         log(f"{label}: reusing the finished run in {out}")
         return metrics
+    run, source_decoder = context.run, context.decoder
     decoder, heads, method = ablation_decoder(run["decoder"], len(layers))
     return train_decoder(
-        features, decoder, out, layers=",".join(map(str, layers)), epochs=run["epochs"], lr=run["lr"],
-        batch_size=run["batch_size"], seed=run["seed"], runs=run["runs"], heads=heads,
-        gaussians=run["decoder"]["gaussians"], dropout=run["decoder"].get("dropout", 0.0),
-        head=run["decoder"].get("head", "conv"), selection=run.get("selection", "best-epoch"),
+        context.cache.directory, decoder, out, layers=",".join(map(str, layers)), epochs=run["epochs"],
+        lr=run["lr"], batch_size=run["batch_size"], seed=run["seed"], runs=run["runs"], heads=heads,
+        gaussians=source_decoder.gaussians, dropout=source_decoder.dropout, head=source_decoder.head,
+        selection=context.selection,
         dev_fraction=run["dev_fraction"], loss=run["loss"],
         weight_decay=run["weight_decay"], mixed_precision=mixed_precision, cpu=cpu,
         method=f"{run['method']} · {label}{method}", resume=(out / RUN_FILE).is_file(),
@@ -153,7 +154,7 @@ def run_ablation(run_dir: str | Path, features_dir: Optional[str | Path] = None,
     out_dir = output_folder(out_dir if out_dir is not None else run_dir / f"ablation-k{k}")
     results: dict = {"ranking": ranking}
     for name in ("top", "bottom"):
-        results[name] = _train_or_reuse(context.cache.directory, context.run, out_dir / name, layers[name],
+        results[name] = _train_or_reuse(context, out_dir / name, layers[name],
                                         f"{name}-{k} IF layers", mixed_precision, cpu)
     table = comparison(context.run, source, results, layers, k, out_dir, run_dir)
     markdown = render_markdown(table)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from daamkit.classify.decoders import DecoderConfig
 from daamkit.classify.feature_cache import FeatureCache, FeatureSplit
 from daamkit.classify.protocol import SplitPlan, leave_one_group_out, repeated_runs
 from daamkit.classify.run_config import MIXED_PRECISION
@@ -83,25 +84,26 @@ def default_epochs(num_train_items: int, batch_size: int) -> int:
     return max(PAPER_EPOCHS, -(-MIN_TRAIN_STEPS // steps_per_epoch))
 
 
+def _task_default(value: Any, manifest: dict, *, paper: Any, user: Any) -> Any:
+    """`value` as given; None is `paper` on the paper's tasks and `user` on a user's task."""
+    if value is not None:
+        return value
+    return paper if is_paper_task(manifest) else user
+
+
 def resolve_dropout(dropout: Optional[float], manifest: dict, linear_probe: bool) -> float:
     """`dropout` as given; None is USER_DROPOUT for a DAT decoder on a user's task, else 0 (the paper's)."""
-    if dropout is not None:
-        return float(dropout)
-    return 0.0 if linear_probe or is_paper_task(manifest) else USER_DROPOUT
+    return float(_task_default(dropout, manifest, paper=0.0, user=0.0 if linear_probe else USER_DROPOUT))
 
 
 def resolve_head(head: Optional[str], manifest: dict) -> str:
     """The DAT decoder's head; None is `linear` on a user's task (see USER_HEAD) and `conv`, the paper's, on the paper's."""
-    if head is not None:
-        return head
-    return "conv" if is_paper_task(manifest) else USER_HEAD
+    return _task_default(head, manifest, paper="conv", user=USER_HEAD)
 
 
 def resolve_selection(selection: Optional[str], manifest: dict) -> str:
     """The checkpoint a split keeps; None is "last-epoch" on a user's task and "best-epoch" on the paper's."""
-    if selection is not None:
-        return selection
-    return "best-epoch" if is_paper_task(manifest) else "last-epoch"
+    return _task_default(selection, manifest, paper="best-epoch", user="last-epoch")
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -177,6 +179,11 @@ class RunContext:
     @property
     def layer_positions(self) -> list[int]:
         return self.run["layer_positions"]
+
+    @property
+    def decoder(self) -> DecoderConfig:
+        """The run's decoder (fields a run.json saved before them lacks, such as `head`, take their defaults)."""
+        return DecoderConfig(**self.run["decoder"])
 
     @property
     def selection(self) -> str:

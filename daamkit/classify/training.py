@@ -11,6 +11,7 @@ Factor outputs into the run folder. `resume=True` continues an interrupted run e
 from __future__ import annotations
 
 import shutil
+from statistics import fmean
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,6 @@ import torch
 
 from daamkit.classify.batches import FeatureBatches
 from daamkit.classify.decoders import (
-    DecoderConfig,
     attention_parameters,
     build_decoder,
     check_decoder,
@@ -90,7 +90,7 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
     context = load_run(out_dir)
     accelerator = make_accelerator(run["mixed_precision"], cpu=cpu)
     log(f"{run['method']}: {run['epochs']} epochs, batch {run['batch_size']}, lr {run['lr']}, "
-        f"layers {','.join(map(str, run['layer_numbers']))}, {run['decoder'].get('head', 'conv')} head, "
+        f"layers {','.join(map(str, run['layer_numbers']))}, {context.decoder.head} head, "
         f"keeps the {context.selection}"
         + (" (resumed)" if resume else ""))
     history = {}
@@ -182,8 +182,8 @@ def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
                             log_dir=context.run_dir / "tensorboard" / LR_SEARCH_DIR / f"lr{lr:g}" / plan.name,
                             label=f"{plan.name} lr {lr:g}", selection=context.selection)
         dev = [record["dev_accuracy"] for record in history]
-        score = max(dev) if context.selection == "best-epoch" else _mean(dev[-LATE_EPOCHS:])
-        results.append({"lr": lr, "dev_accuracy": score, "mean_dev_accuracy": _mean(dev),
+        score = max(dev) if context.selection == "best-epoch" else fmean(dev[-LATE_EPOCHS:])
+        results.append({"lr": lr, "dev_accuracy": score, "mean_dev_accuracy": fmean(dev),
                         "history": history, "folder": folder})
     winner = max(results, key=lambda r: (r["dev_accuracy"], r["mean_dev_accuracy"]))
     if accelerator.is_main_process:
@@ -199,10 +199,6 @@ def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
     log(f"lr auto: {winner['lr']:g} (dev accuracy " +
         ", ".join(f"{r['lr']:g}: {r['dev_accuracy']:.3f}" for r in results) + ")")
     return winner["history"]
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
@@ -233,7 +229,7 @@ class _DecoderJob:
         from accelerate.utils import set_seed
 
         set_seed(self.plan.seed)
-        self.model = build_decoder(DecoderConfig(**self.run["decoder"]))
+        self.model = build_decoder(self.context.decoder)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.run["weight_decay"])
         return (torch.compile(self.model) if self.run["compile"] else self.model), optimizer
 
@@ -268,7 +264,7 @@ def _finish_run(context: RunContext, accelerator, history: dict[str, list[dict]]
     """metrics.json: test accuracy of each split's best checkpoint, parameter counts, Gaussian ranges."""
     run = context.run
     result = score_run(context, accelerator.device, accelerator.autocast, run["batch_size"])
-    model = build_decoder(DecoderConfig(**run["decoder"]))
+    model = build_decoder(context.decoder)
     ranges = [gaussian_parameter_ranges(load_split_decoder(context.checkpoint_dir(plan.name), torch.device("cpu")))
               for plan in context.plans]
     metrics = {

@@ -1,8 +1,9 @@
 """`daamkit classify ...`: frozen-encoder feature extraction, DAT decoders, Importance Factor, reports."""
 
 import json
+import typing
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import typer
 
@@ -130,7 +131,8 @@ def train(
     from daamkit.classify.training import train_decoder
 
     required = ("out",) if resume else ("features", "decoder", "out")
-    values = _resolve_options(ctx, config, quiet, required, file_types={"lr": Optional[Union[float, str]]})
+    values = _resolve_options(ctx, config, quiet, required,
+                              file_types={"lr": typing.get_type_hints(DecoderRunConfig)["lr"]})
     metrics = train_decoder(values.pop("features"), values.pop("decoder"), values.pop("out"), **values)
     if as_json:
         _echo_json(metrics)
