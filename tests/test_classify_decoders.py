@@ -16,6 +16,7 @@ from daamkit.classify.decoders import (
     default_heads,
     gaussian_parameter_ranges,
     grid_shape,
+    layer_mix_shares,
 )
 from daamkit.infra.errors import DaamkitError
 
@@ -146,6 +147,41 @@ def test_linear_head_classifies_the_attention_output_directly(name):
     assert torch.allclose(model(x), model.head[-1](attended.flatten(1)), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ATTENTION_DECODERS)
+def test_mix_head_classifies_a_weighted_sum_of_the_layers(name):
+    """head="mix": attention stage -> weighted sum over layers (uniform at the start) -> one Linear layer."""
+    torch.manual_seed(0)
+    model = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="mix"))
+    width = model.attention.out_features
+    assert count_parameters(model) == expected_attention_parameters(name) + N + width * C + C
+    assert layer_mix_shares(model) == pytest.approx([1 / N] * N)
+    model.eval()
+    x = torch.randn(5, N, D)
+    attended, _ = model.attention(x)
+    assert torch.allclose(model(x), model.head[-1](attended.mean(1) * N ** 0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mix_head_learns_to_weight_the_informative_layer(seed):
+    """Only layer 3 carries the label: 200 Adam steps give it the largest share, whatever the initial classifier
+    (a softmax mix this fast locked onto layer 0 with seed 0). No attention stage here: DAAM's statistics
+    across layers would spread the signal over the layers of its head."""
+    torch.manual_seed(seed)
+    model = build_decoder(decoder_config("conv-head", N, D, 2, head="mix"))
+    labels = torch.randint(0, 2, (256,))
+    x = torch.randn(256, N, D)
+    x[:, 3, 0] += 3.0 * (2 * labels - 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+    shares = layer_mix_shares(model)
+    assert sum(shares) == pytest.approx(1.0)
+    assert shares.index(max(shares)) == 3 and shares[3] > 2 * max(shares[:3] + shares[4:])
+    assert layer_mix_shares(_decoder("daam-v1")) is None
+
+
 def test_a_decoder_config_saved_before_heads_existed_builds_the_conv_head():
     saved = decoder_config("daam-v1", N, D, C, heads=2).to_dict()
     del saved["head"]
@@ -170,7 +206,7 @@ def test_gaussian_ranges_only_for_density_decoders():
     (("daam-v2", 8, 32, 1, None), "at least 2 classes"),
     (("daam-v1", 8, 32, 3, 2, None, 1.0), "`dropout` must be at least 0 and below 1, got 1.0"),
     (("linear", 1, 32, 3, None, None, -0.1), "`dropout` must be at least 0 and below 1"),
-    (("daam-v1", 8, 32, 3, 2, None, 0.0, "mlp"), "`head` must be one of conv, linear, got 'mlp'"),
+    (("daam-v1", 8, 32, 3, 2, None, 0.0, "mlp"), "`head` must be one of conv, linear, mix, got 'mlp'"),
     (("linear", 1, 32, 3, None, None, 0.0, "conv"), "decoder linear is one Linear layer and has no conv head"),
 ])
 def test_bad_decoder_settings_are_one_clear_error(args, message):

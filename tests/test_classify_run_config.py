@@ -39,7 +39,7 @@ def test_defaults_live_in_the_dataclass_and_the_cli_uses_them():
     (DecoderRunConfig, {"loss": "hinge"}, "`loss` must be one of"),
     (DecoderRunConfig, {"dropout": 1}, "`dropout` must be a number at least 0 and below 1, got 1"),
     (DecoderRunConfig, {"dropout": "half"}, "`dropout` must be a number"),
-    (DecoderRunConfig, {"head": "mlp"}, "`head` must be one of conv, linear, got 'mlp'"),
+    (DecoderRunConfig, {"head": "mlp"}, "`head` must be one of conv, linear, mix, got 'mlp'"),
     (DecoderRunConfig, {"selection": "best"}, "`selection` must be one of best-epoch, last-epoch, got 'best'"),
     (LoRARunConfig, {"lr": "auto"}, "`lr` auto is for decoder runs"),
     (LoRARunConfig, {"plus": True, "loraplus_ratio": 0.5}, "`loraplus_ratio` must be at least 1"),

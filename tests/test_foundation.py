@@ -27,7 +27,7 @@ def test_help_keeps_the_default_notes_in_brackets():
     """`[default: ...]` in a help text is shown, not swallowed as a Rich style tag."""
     result = runner.invoke(app, ["classify", "train", "--help"], env={"COLUMNS": "300"})
     assert result.exit_code == 0
-    assert "[default: linear on your own data; conv on iemocap/agnews/cifar100]" in result.output
+    assert "[default: mix on your own data; conv on iemocap/agnews/cifar100]" in result.output
     result = runner.invoke(app, ["vqvae", "compare", "--help"], env={"COLUMNS": "300"})
     assert "(OUT/VARIANT-seedK/, e.g. daam-seed0/)" in result.output
 

@@ -79,7 +79,7 @@ SWEEP = [
     (["vqvae", "train", "--stepz", "3", "--out", "{root}/new"], "No such option: --stepz"),
     (["classify", "train", "--epochs", "many"], "Invalid value for '--epochs'"),
     (["classify", "train", "--features", "{root}/cache", "--decoder", "mha", "--head", "mlp", "--out", "{root}/new"],
-     "--head must be one of conv, linear, got 'mlp'"),
+     "--head must be one of conv, linear, mix, got 'mlp'"),
     (["classify", "train", "--features", "{root}/cache", "--decoder", "linear", "--head", "conv", "--out", "{root}/new"],
      "decoder linear is one Linear layer and has no conv head; leave --head unset"),
     (["vqvae", "reconstruct", CKPT], "Missing argument"),

@@ -8,7 +8,10 @@ batch by mistake). Heads (`HEADS`):
   square as possible), Conv2d(N->512, 3x3) -> ReLU -> Conv2d(512->N, 3x3) -> ReLU, flatten, one Linear layer;
 - `linear`: flatten the attention output and classify it with one Linear layer, so the attention stage is
   the decoder's only non-linearity. On a user's few hundred items the conv head's 3x3 filters over an
-  arbitrary folding of the feature vector were no more accurate and took most of the training time.
+  arbitrary folding of the feature vector were no more accurate and took most of the training time;
+- `mix`: a learned weighted sum of the attention output over the layers (as SUPERB's weighted sum of
+  layers; `LayerMix`), then one Linear layer on that one `[B, w]` vector. The classifier has the linear
+  probe's size whatever the layer count, and the layer weights say which layers the decoder reads.
 Everything outside the attention module is Xavier-initialised. `dropout` (0 in the paper) drops the
 classifier's inputs while training: on a user's few hundred items the head otherwise memorises the
 training set within a few epochs.
@@ -38,7 +41,8 @@ GQA_KV_HEADS = 2
 GQA_HEAD_DIM = 64
 GQDAAM_QUERY_HEADS = 8  # GQDAAM's GQA stage keeps the paper's 8 query heads; `heads` sets its DAAM heads
 CONV_CHANNELS = 512
-HEADS = ("conv", "linear")
+MIX_SPEED = 10.0  # how much faster the `mix` head's layer weights learn than the other parameters (LayerMix)
+HEADS = ("conv", "linear", "mix")
 # A density head standardises over its own chunk of layers: over one layer the value is always 0, so the
 # gate is exactly 1 and its parameters get zero gradients (DAAM is inert). Every head needs this many.
 MIN_LAYERS_PER_HEAD = 2
@@ -269,8 +273,33 @@ class _AttentionStage(nn.Module):
         return self.module(x), None
 
 
+class LayerMix(nn.Module):
+    """A learned weighted sum over the layer axis: `[B, N, ...]` -> `[B, prod(...)]`, uniform (1/N each) at the start.
+
+    The weights are `1/N + MIX_SPEED * g` with `g` trained from 0. Under Adam every parameter moves about `lr`
+    per step, so without the factor weights of 1/N barely move in a few hundred steps and the head stays a plain
+    mean of the layers. They are not squashed by a softmax: a softmax this fast saturated on whichever layer the
+    random initial classifier favoured and never recovered (no gradient reaches a weight near 0); unconstrained
+    weights do not saturate. A weight's sign carries no meaning (the shared classifier can flip it), its size
+    does. The sum is scaled by sqrt(N), which keeps it at the spread of one layer's features at the uniform
+    start when the layers vary independently.
+    """
+
+    def __init__(self, num_layers: int):
+        super().__init__()
+        self.offsets = nn.Parameter(torch.zeros(num_layers))
+
+    def weights(self) -> Tensor:
+        """The current weight of each layer."""
+        return 1.0 / len(self.offsets) + MIX_SPEED * self.offsets
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(2)
+        return torch.einsum("bnw,n->bw", x, self.weights().to(x.dtype)) * math.sqrt(x.shape[1])
+
+
 class DATDecoder(nn.Module):
-    """Attention module over layer tokens -> head (conv on each layer's feature image, or none) -> Linear."""
+    """Attention module over layer tokens -> head (conv on each layer's feature image, a layer mix, or none) -> Linear."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -278,9 +307,12 @@ class DATDecoder(nn.Module):
         self.attention = _AttentionStage(config)
         n, width = config.num_layers, self.attention.out_features
         self.grid = grid_shape(width)
-        conv = [nn.Conv2d(n, CONV_CHANNELS, 3, padding=1), nn.ReLU(), nn.Conv2d(CONV_CHANNELS, n, 3, padding=1),
-                nn.ReLU()] if config.head == "conv" else []
-        self.head = nn.Sequential(*conv, nn.Flatten(), nn.Linear(n * width, config.num_classes))
+        if config.head == "mix":
+            self.head = nn.Sequential(LayerMix(n), nn.Linear(width, config.num_classes))
+        else:
+            conv = [nn.Conv2d(n, CONV_CHANNELS, 3, padding=1), nn.ReLU(), nn.Conv2d(CONV_CHANNELS, n, 3, padding=1),
+                    nn.ReLU()] if config.head == "conv" else []
+            self.head = nn.Sequential(*conv, nn.Flatten(), nn.Linear(n * width, config.num_classes))
         self.dropout = nn.Dropout(config.dropout)
         _xavier(self.head)
 
@@ -333,6 +365,15 @@ def attention_parameters(decoder: nn.Module) -> int:
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def layer_mix_shares(decoder: nn.Module) -> Optional[list[float]]:
+    """The `mix` head's share of each layer, |weight| / sum of |weights| (decoder layer order); None for other heads."""
+    mix = decoder.head[0] if isinstance(decoder.head, nn.Sequential) else None
+    if not isinstance(mix, LayerMix):
+        return None
+    size = mix.weights().detach().abs()
+    return (size / size.sum()).tolist()
 
 
 def gaussian_parameter_ranges(decoder: nn.Module) -> Optional[dict]:

@@ -37,11 +37,13 @@ USER_DROPOUT = 0.8
 # The DAT decoder head on a user's task (the paper's tasks: `conv`, the paper's). On the README's five
 # Debian text sets (270-540 training items, all-MiniLM-L6-v2, seed 0) the `linear` head beat the conv head
 # in 10 of 19 decoder x set cells, lost 6, and trained a daam-v1 run about 20x faster on the CPU.
-USER_HEAD = "linear"
+USER_HEAD = "mix"
 # The last `LATE_EPOCHS` epochs' mean dev accuracy ranks the lr candidates of a last-epoch run.
 LATE_EPOCHS = 10
-# `lr="auto"`: candidates tried on the first fold/run, the best dev accuracy wins (see training.search_lr).
+# `lr="auto"`: candidates tried on the first LR_SEARCH_SPLITS folds/runs, the best mean dev accuracy wins
+# (see training.search_lr).
 LR_GRID = (3e-4, 1e-3, 3e-3)
+LR_SEARCH_SPLITS = 3
 
 
 def is_speech(manifest: dict) -> bool:
@@ -97,7 +99,7 @@ def resolve_dropout(dropout: Optional[float], manifest: dict, linear_probe: bool
 
 
 def resolve_head(head: Optional[str], manifest: dict) -> str:
-    """The DAT decoder's head; None is `linear` on a user's task (see USER_HEAD) and `conv`, the paper's, on the paper's."""
+    """The DAT decoder's head; None is `mix` on a user's task (see USER_HEAD) and `conv`, the paper's, on the paper's."""
     return _task_default(head, manifest, paper="conv", user=USER_HEAD)
 
 
@@ -146,6 +148,16 @@ def plan_splits(grouping: Optional[str], sources: dict[str, FeatureSplit], *, se
         return leave_one_group_out(source.groups, source.labels, _units(source), source.name, seed, dev_fraction)
     train, test = sources["train"], sources["test"]
     return repeated_runs(len(train), len(test), train.labels, _units(train), runs, seed, dev_fraction)
+
+
+def lr_search_plans(context: "RunContext") -> list[SplitPlan]:
+    """The splits `lr="auto"` is chosen on: the run's first LR_SEARCH_SPLITS folds/runs; a train/test run with
+    fewer runs adds the seeded runs that `runs=LR_SEARCH_SPLITS` would train (the same names and dev splits)."""
+    run = context.run
+    if context.cache.manifest.get("grouping") or run["runs"] >= LR_SEARCH_SPLITS:
+        return context.plans[:LR_SEARCH_SPLITS]
+    return plan_splits(None, context.sources, seed=run["seed"], runs=LR_SEARCH_SPLITS,
+                       dev_fraction=run["dev_fraction"])
 
 
 def open_sources(cache: FeatureCache) -> dict[str, FeatureSplit]:

@@ -108,8 +108,9 @@ def train(
         _R("dropout"), "--dropout", help="Dropout on the classifier's inputs [default: 0.8 for DAT decoders on "
         "your own data; 0 for linear and, as in the paper, on iemocap/agnews/cifar100]."),
     head: Optional[str] = typer.Option(
-        _R("head"), "--head", help="DAT decoder head after the attention stage: conv (the paper's 2 conv layers, 512 "
-        "channels) | linear (one Linear layer) [default: linear on your own data; conv on iemocap/agnews/cifar100]."),
+        _R("head"), "--head", help="DAT decoder head: conv (the paper's: 2 conv layers, Linear) | linear (Linear "
+        "on all layers) | mix (learned weighted sum of the layers, Linear) [default: mix on your own data; conv on "
+        "iemocap/agnews/cifar100]."),
     selection: Optional[str] = typer.Option(
         _R("selection"), "--selection", help="Checkpoint kept per fold/run: best-epoch (highest dev accuracy) | "
         "last-epoch [default: last-epoch on your own data; best-epoch, the paper's, on iemocap/agnews/cifar100]."),
