@@ -276,13 +276,14 @@ class _AttentionStage(nn.Module):
 class LayerMix(nn.Module):
     """A learned weighted sum over the layer axis: `[B, N, ...]` -> `[B, prod(...)]`, uniform (1/N each) at the start.
 
-    The weights are `1/N + MIX_SPEED * g` with `g` trained from 0. Under Adam every parameter moves about `lr`
-    per step, so without the factor weights of 1/N barely move in a few hundred steps and the head stays a plain
-    mean of the layers. They are not squashed by a softmax: a softmax this fast saturated on whichever layer the
-    random initial classifier favoured and never recovered (no gradient reaches a weight near 0); unconstrained
-    weights do not saturate. A weight's sign carries no meaning (the shared classifier can flip it), its size
-    does. The sum is scaled by sqrt(N), which keeps it at the spread of one layer's features at the uniform
-    start when the layers vary independently.
+    The weights are `1/N + MIX_SPEED * offsets`, the offsets trained from 0. Under Adam every parameter moves
+    about `lr` per step, so without the factor weights of 1/N barely move in a few hundred steps and the head
+    stays a plain mean of the layers. They are not squashed by a softmax: a softmax this fast saturated on
+    whichever layer the random initial classifier favoured and never recovered (no gradient reaches a weight
+    near 0; the layer test in tests/test_classify_decoders.py shows it with seed 0); unconstrained weights do
+    not saturate. A weight may turn negative (that layer's features then enter with the opposite sign); its
+    size says how much the layer counts (`layer_mix_shares`). The sum is scaled by sqrt(N), which keeps it at
+    the spread of one layer's features at the uniform start when the layers vary independently.
     """
 
     def __init__(self, num_layers: int):
@@ -299,7 +300,7 @@ class LayerMix(nn.Module):
 
 
 class DATDecoder(nn.Module):
-    """Attention module over layer tokens -> head (conv on each layer's feature image, a layer mix, or none) -> Linear."""
+    """Attention module over layer tokens -> head (conv over layer images, a layer mix, or none) -> Linear."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()

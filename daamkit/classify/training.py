@@ -38,7 +38,6 @@ from daamkit.classify.experiment import (
     default_epochs,
     is_speech,
     load_run,
-    lr_search_plans,
     make_accelerator,
     open_sources,
     plan_splits,
@@ -68,7 +67,7 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
 
     `options` are the fields of `DecoderRunConfig` (epochs, lr, layers, heads, ...). `layers` is a spec
     ("9", "19-21") of encoder layer numbers; None trains on every cached layer (the linear probe: on the
-    last one). `lr` is a number or "auto" (chosen from `LR_GRID` on three splits' dev items); None is
+    last one). `lr` is a number or "auto" (chosen on the first split's dev items from `LR_GRID`); None is
     "auto" on a user's task and the paper's value (1e-4, 5e-5 for Llama) on the paper's tasks. `epochs`
     None is the paper's 35, raised to `MIN_TRAIN_STEPS` optimizer steps on a small training pool.
     With `resume`, the run saved in `out_dir` continues (its settings; `features_dir`/`decoder` unused):
@@ -95,10 +94,13 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
         f"layers {','.join(map(str, run['layer_numbers']))}, {context.decoder.head} head, "
         f"keeps the {context.selection}"
         + (" (resumed)" if resume else ""))
-    history = search_lr(context, accelerator) if run["lr"] == "auto" else {}
-    for plan in context.plans:
-        if plan.name not in history:
-            history[plan.name] = _train_split(context, plan, accelerator)
+    history = {}
+    plans = context.plans
+    if run["lr"] == "auto":
+        history[plans[0].name] = search_lr(context, plans[0], accelerator)
+        plans = plans[1:]
+    for plan in plans:
+        history[plan.name] = _train_split(context, plan, accelerator)
     metrics = _finish_run(context, accelerator, history)
     if accelerator.is_main_process:
         atomic_write_json(out_dir / METRICS_FILE, metrics)
@@ -164,51 +166,40 @@ def _method(config: DecoderRunConfig) -> str:
     return config.decoder + (f" [{', '.join(chosen)}]" if chosen else "")
 
 
-def search_lr(context: RunContext, accelerator) -> dict[str, list[dict]]:
-    """`lr="auto"`: train the first LR_SEARCH_SPLITS splits once per learning rate of LR_GRID; the best wins.
+def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
+    """`lr="auto"`: train `plan` once per learning rate of LR_GRID, keep the best by dev accuracy.
 
-    A split's score is its best-epoch dev accuracy (best-epoch runs) or its mean dev accuracy over the last
-    LATE_EPOCHS epochs (last-epoch runs: the converged model, not one lucky epoch); an lr's score is the mean
-    over the searched splits (ties go to the higher mean dev accuracy over all epochs). One dev split of a
-    few dozen items moves by 2 points per item, too much to tell the candidates apart; three are steadier.
-    The winner becomes the run's `lr` in run.json; on each searched split that is one of the run's own its
-    checkpoint is the split's checkpoint, and every other split trains with it. A train/test run with fewer
-    runs than that is searched on extra seeded dev splits of its training pool, used only to choose the lr.
-    Cost: len(LR_GRID) x LR_SEARCH_SPLITS trainings (with `runs` 3 the first 3 runs are among them).
+    The winner (best-epoch runs: the highest best-epoch dev accuracy; last-epoch runs: the highest mean dev
+    accuracy over the last LATE_EPOCHS epochs, i.e. of the converged model, not of one lucky epoch; ties go
+    to the higher mean dev accuracy over all epochs) becomes the run's `lr` in run.json, its checkpoint is
+    the split's checkpoint, and every later split trains with it. Cost: len(LR_GRID) trainings of the first split.
     """
     run = context.run
-    plans = lr_search_plans(context)
     results = []
     for lr in LR_GRID:
-        scores, means, histories = [], [], {}
-        for plan in plans:
-            folder = context.run_dir / LR_SEARCH_DIR / f"lr{lr:g}" / plan.name
-            history = fit_split(_DecoderJob(context, plan, accelerator), epochs=run["epochs"], lr=lr,
-                                loss=run["loss"], accelerator=accelerator, folder=folder,
-                                log_dir=context.run_dir / "tensorboard" / LR_SEARCH_DIR / f"lr{lr:g}" / plan.name,
-                                label=f"{plan.name} lr {lr:g}", selection=context.selection)
-            dev = [record["dev_accuracy"] for record in history]
-            scores.append(max(dev) if context.selection == "best-epoch" else fmean(dev[-LATE_EPOCHS:]))
-            means.append(fmean(dev))
-            histories[plan.name] = history
-        results.append({"lr": lr, "dev_accuracy": fmean(scores), "mean_dev_accuracy": fmean(means),
-                        "histories": histories})
+        folder = context.run_dir / LR_SEARCH_DIR / f"lr{lr:g}"
+        history = fit_split(_DecoderJob(context, plan, accelerator), epochs=run["epochs"], lr=lr, loss=run["loss"],
+                            accelerator=accelerator, folder=folder,
+                            log_dir=context.run_dir / "tensorboard" / LR_SEARCH_DIR / f"lr{lr:g}" / plan.name,
+                            label=f"{plan.name} lr {lr:g}", selection=context.selection)
+        dev = [record["dev_accuracy"] for record in history]
+        score = max(dev) if context.selection == "best-epoch" else fmean(dev[-LATE_EPOCHS:])
+        results.append({"lr": lr, "dev_accuracy": score, "mean_dev_accuracy": fmean(dev),
+                        "history": history, "folder": folder})
     winner = max(results, key=lambda r: (r["dev_accuracy"], r["mean_dev_accuracy"]))
-    own = {plan.name for plan in context.plans}
     if accelerator.is_main_process:
-        for name in own & set(winner["histories"]):
-            target = context.checkpoint_dir(name)
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(context.run_dir / LR_SEARCH_DIR / f"lr{winner['lr']:g}" / name / "best", target)
+        target = context.checkpoint_dir(plan.name)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(winner["folder"] / "best", target)
         run["lr"] = winner["lr"]
-        run["lr_search"] = {"splits": [plan.name for plan in plans], "grid": list(LR_GRID), "chosen": winner["lr"],
+        run["lr_search"] = {"split": plan.name, "grid": list(LR_GRID), "chosen": winner["lr"],
                             "dev_accuracy": {f"{r['lr']:g}": r["dev_accuracy"] for r in results}}
         atomic_write_json(context.run_dir / RUN_FILE, run)
     accelerator.wait_for_everyone()
     run["lr"] = winner["lr"]
-    log(f"lr auto: {winner['lr']:g} (mean dev accuracy over {len(plans)} split(s): " +
+    log(f"lr auto: {winner['lr']:g} (dev accuracy " +
         ", ".join(f"{r['lr']:g}: {r['dev_accuracy']:.3f}" for r in results) + ")")
-    return {name: history for name, history in winner["histories"].items() if name in own}
+    return winner["history"]
 
 
 def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
