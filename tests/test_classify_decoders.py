@@ -161,6 +161,16 @@ def test_mix_head_classifies_a_weighted_sum_of_the_layers(name):
     assert torch.allclose(model(x), model.head[-1](attended.mean(1) * N ** 0.5), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["daam-v1", "mixture", "mha"])
+def test_mix_head_decoder_compiles_without_graph_breaks(name):
+    """`--compile` with the mix head: fullgraph=True raises on any graph break (eager backend keeps it fast)."""
+    torch.manual_seed(0)
+    model = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="mix")).eval()
+    x = torch.randn(4, N, D)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(x), model(x), atol=1e-6)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mix_head_learns_to_weight_the_informative_layer(seed):
     """Only layer 3 carries the label: 200 Adam steps give it the largest share, whatever the initial classifier
