@@ -7,6 +7,7 @@ from classify_caches import one_torch_thread  # noqa: F401
 from daamkit.classify.decoders import (
     DECODERS,
     DENSITY_DECODERS,
+    HEADS as DECODER_HEADS,
     REGISTRY,
     DecoderConfig,
     attention_parameters,
@@ -249,14 +250,16 @@ def test_default_density_heads_give_every_head_two_layers(layers, expected):
 
 
 def _accepted_density_configs():
-    """Every (decoder, layers, heads) the CLI accepts for 2-7 layers: default heads and each explicit count."""
+    """Every (decoder, layers, heads, head) the CLI accepts for 2-7 layers: default heads and each explicit
+    count, with each of the decoder heads."""
     for name in DENSITY_DECODERS:
         for layers in range(2, 8):
             for heads in (None, *range(1, layers + 1)):
-                try:
-                    yield decoder_config(name, layers, 16, C, heads)
-                except DaamkitError:
-                    continue
+                for head in DECODER_HEADS:
+                    try:
+                        yield decoder_config(name, layers, 16, C, heads, head=head)
+                    except DaamkitError:
+                        continue
 
 
 def _daam_parameters(model):
@@ -286,7 +289,8 @@ def _inert(config) -> bool:
 def test_no_accepted_density_configuration_is_inert():
     torch.manual_seed(0)
     configs = list(_accepted_density_configs())
-    assert {c.decoder for c in configs} == set(DENSITY_DECODERS) and len(configs) > 40
+    assert {c.decoder for c in configs} == set(DENSITY_DECODERS) and {c.head for c in configs} == set(DECODER_HEADS)
+    assert len(configs) > 120
     assert [c for c in configs if _inert(c)] == []
 
 

@@ -280,8 +280,8 @@ class LayerMix(nn.Module):
     about `lr` per step, so without the factor weights of 1/N barely move in a few hundred steps and the head
     stays a plain mean of the layers. They are not squashed by a softmax: a softmax this fast saturated on
     whichever layer the random initial classifier favoured and never recovered (no gradient reaches a weight
-    near 0; the layer test in tests/test_classify_decoders.py shows it with seed 0); unconstrained weights do
-    not saturate. A weight may turn negative (that layer's features then enter with the opposite sign); its
+    near 0; with seed 0 of the informative-layer test in tests/test_classify_decoders.py it kept 0.98 on a
+    noise layer); unconstrained weights do not saturate. A weight may turn negative (that layer's features then enter with the opposite sign); its
     size says how much the layer counts (`layer_mix_shares`). The sum is scaled by sqrt(N), which keeps it at
     the spread of one layer's features at the uniform start when the layers vary independently.
     """
