@@ -193,6 +193,24 @@ def test_mix_head_learns_to_weight_the_informative_layer(seed):
     assert layer_mix_shares(_decoder("daam-v1")) is None
 
 
+@pytest.mark.parametrize("name", ["mha", "mha-bn"])
+def test_residual_adds_the_input_to_the_self_attention_output(name):
+    """residual=True: x + attention(x) (before mha-bn's BatchNorm), with no extra parameters."""
+    torch.manual_seed(0)
+    plain = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="mix")).eval()
+    model = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="mix", residual=True)).eval()
+    model.load_state_dict(plain.state_dict())  # the same parameters
+    x = torch.randn(5, N, D)
+    attention = plain.attention.module if name == "mha" else plain.attention.module[0]
+    attended = attention(x)
+    if name == "mha-bn":
+        assert torch.allclose(model.attention(x)[0], plain.attention.module[1](x + attended), atol=1e-5)
+    else:
+        assert torch.allclose(model.attention(x)[0], x + attended, atol=1e-6)
+    with pytest.raises(DaamkitError, match="decoder gqa has no residual path .only mha, mha-bn.; leave `residual` unset"):
+        decoder_config("gqa", N, D, C, heads=4, residual=True)
+
+
 def test_a_decoder_config_saved_before_heads_existed_builds_the_conv_head():
     saved = decoder_config("daam-v1", N, D, C, heads=2).to_dict()
     del saved["head"]

@@ -323,6 +323,20 @@ def test_dat_decoder_head_default_depends_on_the_task(tmp_path, task, options, e
         assert "layer_share" not in metrics
 
 
+@pytest.mark.parametrize(("task", "decoder", "options", "expected", "method"), [
+    ("text-csv", "mha", {}, True, "mha"),  # a user's task: mha starts from the encoder's features
+    ("text-csv", "gqa", {}, False, "gqa"),  # no residual path to take
+    ("agnews", "mha", {}, False, "mha"),  # the paper's tasks keep the paper's decoder
+    ("text-csv", "mha-bn", {"residual": False}, False, "mha-bn [no residual]"),
+    ("agnews", "mha", {"residual": True}, True, "mha [residual]"),
+])
+def test_residual_default_depends_on_the_task_and_decoder(tmp_path, task, decoder, options, expected, method):
+    cache = write_train_test_cache(tmp_path / "cache", task=task, num_train=48)
+    metrics = train_decoder(cache, decoder, tmp_path / "run", epochs=1, lr=1e-3, heads=2, **options)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["decoder"]["residual"] is expected
+    assert metrics["method"] == method
+
+
 def test_default_epochs_reach_the_step_floor():
     assert default_epochs(120_000, 32) == PAPER_EPOCHS
     assert default_epochs(540, 32) == PAPER_EPOCHS  # 17 steps x 35 epochs >= MIN_TRAIN_STEPS

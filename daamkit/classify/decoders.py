@@ -12,9 +12,12 @@ batch by mistake). Heads (`HEADS`):
 - `mix`: a learned weighted sum of the attention output over the layers (as SUPERB's weighted sum of
   layers; `LayerMix`), then one Linear layer on that one `[B, w]` vector. The classifier has the linear
   probe's size whatever the layer count, and the layer weights say which layers the decoder reads.
-Everything outside the attention module is Xavier-initialised. `dropout` (0 in the paper) drops the
-classifier's inputs while training: on a user's few hundred items the head otherwise memorises the
-training set within a few epochs.
+`residual` adds the input to the self-attention output of `mha` and `mha-bn` (`x + attention(x)`, before
+mha-bn's BatchNorm), as every transformer block does and the paper's decoders do not: the decoder then
+starts from the encoder's own features, and on a user's few hundred items the 4 d^2 projection weights only
+have to learn a correction. Everything outside the attention module is Xavier-initialised. `dropout` (0 in
+the paper) drops the classifier's inputs while training: on a user's few hundred items the head otherwise
+memorises the training set within a few epochs.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ MIN_LAYERS_PER_HEAD = 2
 class DecoderConfig:
     """Everything needed to rebuild a decoder (stored in checkpoints and run.json); `heads` is None for linear.
 
-    `head` is the DAT decoder's head (see the module docstring); run folders saved before it existed used `conv`.
-    The linear probe's head is `linear`.
+    `head` is the DAT decoder's head (see the module docstring); run folders saved before it existed used `conv`
+    (and no `residual`). The linear probe's head is `linear`.
     """
 
     decoder: str
@@ -64,20 +67,24 @@ class DecoderConfig:
     gaussians: int = DEFAULT_GAUSSIANS
     dropout: float = 0.0
     head: str = "conv"
+    residual: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class _SelfAttention(nn.Module):
-    """nn.MultiheadAttention as self-attention over the layer tokens of each item (batch_first: never the batch)."""
+    """nn.MultiheadAttention as self-attention over the layer tokens of each item (batch_first: never the batch),
+    with `residual`, plus its input."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, residual: bool = False):
         super().__init__()
         self.mha = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mha(x, x, x, need_weights=False)[0]
+        out = self.mha(x, x, x, need_weights=False)[0]
+        return x + out if self.residual else out
 
 
 def _no_attention(config: DecoderConfig) -> tuple[nn.Module, int]:
@@ -97,12 +104,12 @@ def _heads_fill_kv_groups(decoder: str, heads: int, hidden_size: int) -> Optiona
 
 
 def _mha(config: DecoderConfig) -> tuple[nn.Module, int]:
-    return _SelfAttention(config.hidden_size, config.heads), config.hidden_size
+    return _SelfAttention(config.hidden_size, config.heads, config.residual), config.hidden_size
 
 
 def _mha_bn(config: DecoderConfig) -> tuple[nn.Module, int]:
-    return nn.Sequential(_SelfAttention(config.hidden_size, config.heads), nn.BatchNorm1d(config.num_layers)), \
-        config.hidden_size
+    attention = _SelfAttention(config.hidden_size, config.heads, config.residual)
+    return nn.Sequential(attention, nn.BatchNorm1d(config.num_layers)), config.hidden_size
 
 
 def _gqa(config: DecoderConfig) -> tuple[nn.Module, int]:
@@ -134,12 +141,14 @@ class DecoderSpec:
     a density gate (Importance Factor, Gaussian table) and need `MIN_LAYERS_PER_HEAD` layers per head.
     `paper_heads` is the paper's head count (Table 1), None where heads do not apply. `heads_problem`
     says why a head count does not fit the hidden size (None when it does). `table_row`: a row
-    `classify reproduce` trains (the ablation-only `conv-head`, a head without attention, is not).
+    `classify reproduce` trains (the ablation-only `conv-head`, a head without attention, is not). `residual`:
+    the attention stage can take a residual path (`DecoderConfig.residual`).
     """
 
     attention: Optional[Callable[[DecoderConfig], tuple[nn.Module, int]]]
     paper_heads: Optional[int]
     density: bool = False
+    residual: bool = False
     heads_problem: Callable[[str, int, int], Optional[str]] = lambda decoder, heads, hidden_size: None
     table_row: bool = True
 
@@ -153,8 +162,8 @@ REGISTRY: dict[str, DecoderSpec] = {
     "linear": DecoderSpec(None, None),
     # A DAT decoder's head alone: what a density decoder over one layer amounts to (DAAM there is the identity).
     "conv-head": DecoderSpec(_no_attention, None, table_row=False),
-    "mha": DecoderSpec(_mha, 8, heads_problem=_heads_divide_width),
-    "mha-bn": DecoderSpec(_mha_bn, 8, heads_problem=_heads_divide_width),
+    "mha": DecoderSpec(_mha, 8, heads_problem=_heads_divide_width, residual=True),
+    "mha-bn": DecoderSpec(_mha_bn, 8, heads_problem=_heads_divide_width, residual=True),
     "gqa": DecoderSpec(_gqa, 8, heads_problem=_heads_fill_kv_groups),
     "daam-v1": DecoderSpec(_daam, 8, density=True),
     "daam-v2": DecoderSpec(_daam, 1, density=True),
@@ -200,6 +209,7 @@ def decoder_config(
     gaussians: Optional[int] = None,
     dropout: float = 0.0,
     head: Optional[str] = None,
+    residual: bool = False,
 ) -> DecoderConfig:
     """Validate a decoder choice against the cache shape; every bad combination is one DaamkitError line.
 
@@ -217,6 +227,9 @@ def decoder_config(
         raise DaamkitError(f"`head` must be one of {', '.join(HEADS)}, got {head!r}")
     if num_classes < 2:
         raise DaamkitError(f"a classifier needs at least 2 classes, the feature cache has {num_classes}")
+    if residual and not spec.residual:
+        with_one = ", ".join(name for name, entry in REGISTRY.items() if entry.residual)
+        raise DaamkitError(f"decoder {decoder} has no residual path (only {with_one}); leave `residual` unset")
     if spec.paper_heads is None and heads is not None:
         raise DaamkitError(f"decoder {decoder} has no attention heads; leave `heads` unset")
     if spec.one_layer:
@@ -247,7 +260,8 @@ def decoder_config(
     problem = None if heads is None else spec.heads_problem(decoder, heads, hidden_size)
     if problem:
         raise DaamkitError(problem)
-    return DecoderConfig(decoder, num_layers, hidden_size, num_classes, heads, gaussians, dropout, head or "conv")
+    return DecoderConfig(decoder, num_layers, hidden_size, num_classes, heads, gaussians, dropout, head or "conv",
+                         residual)
 
 
 def grid_shape(width: int) -> tuple[int, int]:
@@ -281,9 +295,10 @@ class LayerMix(nn.Module):
     stays a plain mean of the layers. They are not squashed by a softmax: a softmax this fast saturated on
     whichever layer the random initial classifier favoured and never recovered (no gradient reaches a weight
     near 0; with seed 0 of the informative-layer test in tests/test_classify_decoders.py it kept 0.98 on a
-    noise layer); unconstrained weights do not saturate. A weight may turn negative (that layer's features then enter with the opposite sign); its
-    size says how much the layer counts (`layer_mix_shares`). The sum is scaled by sqrt(N), which keeps it at
-    the spread of one layer's features at the uniform start when the layers vary independently.
+    noise layer); unconstrained weights do not saturate. A weight may turn negative (that layer's features
+    then enter with the opposite sign); its size says how much the layer counts (`layer_mix_shares`). The sum
+    is scaled by sqrt(N), which keeps it at the spread of one layer's features at the uniform start when the
+    layers vary independently.
     """
 
     def __init__(self, num_layers: int):

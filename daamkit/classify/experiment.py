@@ -42,6 +42,11 @@ USER_DROPOUT = 0.8
 # logistic regression, daam-v1 went from 4.5 to 1.4 points below the probe. Both are far cheaper than the
 # conv head (a daam-v1 run with the linear head trained about 20x faster on the CPU).
 USER_HEAD = "mix"
+# The residual path of mha / mha-bn on a user's task (the paper's tasks: none, as the paper's decoders). With
+# the mix head on the README's five Debian text sets (3 seeds each) it moved mha's gap to the linear probe
+# from -0.56 / +1.17 / -1.79 / -0.97 / +0.63 points to +0.44 / +1.33 / -0.12 / -0.69 / -0.42, and mha-bn's
+# from -1.67 / +1.17 / -4.64 / -0.14 / +0.00 to -0.11 / +2.00 / -1.90 / -0.56 / +0.63.
+USER_RESIDUAL = True
 # The last `LATE_EPOCHS` epochs' mean dev accuracy ranks the lr candidates of a last-epoch run.
 LATE_EPOCHS = 10
 # `lr="auto"`: candidates tried on the first fold/run, the best dev accuracy wins (see training.search_lr).
@@ -101,8 +106,13 @@ def resolve_dropout(dropout: Optional[float], manifest: dict, linear_probe: bool
 
 
 def resolve_head(head: Optional[str], manifest: dict) -> str:
-    """The DAT decoder's head; None is `mix` on a user's task (see USER_HEAD) and `conv`, the paper's, on the paper's."""
+    """The DAT decoder's head; None is `mix` on a user's task (see USER_HEAD), `conv` (the paper's) on the paper's."""
     return _task_default(head, manifest, paper="conv", user=USER_HEAD)
+
+
+def resolve_residual(residual: Optional[bool], manifest: dict, decoder_has_one: bool) -> bool:
+    """The residual path of mha/mha-bn; None is on for them on a user's task (see USER_RESIDUAL), off on the paper's."""
+    return bool(_task_default(residual, manifest, paper=False, user=USER_RESIDUAL and decoder_has_one))
 
 
 def resolve_selection(selection: Optional[str], manifest: dict) -> str:

@@ -97,6 +97,7 @@ class DecoderRunConfig(RunConfig):
     dropout: Optional[float] = None
     head: Optional[str] = None
     selection: Optional[str] = None
+    residual: Optional[bool] = None
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -110,6 +111,10 @@ class DecoderRunConfig(RunConfig):
                  f"`head` must be one of {', '.join(HEADS)}, got {self.head!r}")
         _require(self.selection is None or self.selection in SELECTIONS,
                  f"`selection` must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        _require(self.residual is None or isinstance(self.residual, bool),
+                 f"`residual` must be true or false, got {self.residual!r}")
+        _require(not self.residual or check_decoder(self.decoder).residual,
+                 f"decoder {self.decoder} has no residual path; leave `residual` unset")
         _require(self.dropout is None or (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
                                           and 0.0 <= self.dropout < 1.0),
                  f"`dropout` must be a number at least 0 and below 1, got {self.dropout!r}")

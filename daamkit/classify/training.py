@@ -45,6 +45,7 @@ from daamkit.classify.experiment import (
     resolve_head,
     resolve_lr,
     resolve_mixed_precision,
+    resolve_residual,
     resolve_selection,
 )
 from daamkit.classify.feature_cache import FeatureCache
@@ -129,7 +130,8 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
         positions = [len(cache.layers) - 1] if spec.one_layer else list(range(len(cache.layers)))
     decoder = decoder_config(config.decoder, len(positions), manifest["hidden_size"], len(cache.classes),
                              config.heads, config.gaussians, resolve_dropout(config.dropout, manifest, spec.one_layer),
-                             config.head if spec.one_layer else resolve_head(config.head, manifest))
+                             config.head if spec.one_layer else resolve_head(config.head, manifest),
+                             resolve_residual(config.residual, manifest, spec.residual))
     batch_size = config.batch_size or default_batch_size(manifest)
     plans = plan_splits(manifest.get("grouping"), open_sources(cache), seed=config.seed, runs=config.runs,
                         dev_fraction=config.dev_fraction)
@@ -163,6 +165,8 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
 def _method(config: DecoderRunConfig) -> str:
     """The report row name: the decoder, with the layers and head when they were chosen by hand."""
     chosen = [f"{name} {value}" for name, value in (("layers", config.layers), ("head", config.head)) if value]
+    if config.residual is not None:
+        chosen.append("residual" if config.residual else "no residual")
     return config.decoder + (f" [{', '.join(chosen)}]" if chosen else "")
 
 
