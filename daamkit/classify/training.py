@@ -163,7 +163,7 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
 
 
 def _method(config: DecoderRunConfig) -> str:
-    """The report row name: the decoder, with the layers and head when they were chosen by hand."""
+    """The report row name: the decoder, with the layers, head and residual path when they were chosen by hand."""
     chosen = [f"{name} {value}" for name, value in (("layers", config.layers), ("head", config.head)) if value]
     if config.residual is not None:
         chosen.append("residual" if config.residual else "no residual")
