@@ -269,7 +269,6 @@ def _finish_run(context: RunContext, accelerator, history: dict[str, list[dict]]
     """metrics.json: test accuracy of each split's best checkpoint, parameter counts, Gaussian ranges."""
     run = context.run
     result = score_run(context, accelerator.device, accelerator.autocast, run["batch_size"])
-    model = build_decoder(context.decoder)
     kept = [load_split_decoder(context.checkpoint_dir(plan.name), torch.device("cpu")) for plan in context.plans]
     ranges = [gaussian_parameter_ranges(decoder) for decoder in kept]
     shares = [layer_mix_shares(decoder) for decoder in kept]
@@ -283,8 +282,8 @@ def _finish_run(context: RunContext, accelerator, history: dict[str, list[dict]]
         "seeds": [plan.seed for plan in context.plans],
         "epochs": run["epochs"],
         "lr": run["lr"],
-        "decoder_parameters": count_parameters(model),
-        "attention_parameters": attention_parameters(model),
+        "decoder_parameters": count_parameters(kept[0]),  # every split's decoder has the run's shape
+        "attention_parameters": attention_parameters(kept[0]),
         "history": history,
     }
     if ranges[0] is not None:
