@@ -15,9 +15,12 @@ from daamkit.classify.experiment import (
     LR_GRID,
     MIN_TRAIN_STEPS,
     PAPER_EPOCHS,
+    SMALL_POOL_ITEMS,
+    SMALL_POOL_RUNS,
     USER_DROPOUT,
     USER_HEAD,
     default_epochs,
+    default_runs,
 )
 from daamkit.classify.importance import importance_run
 from daamkit.classify.report import build_report, render_report
@@ -335,6 +338,28 @@ def test_residual_default_depends_on_the_task_and_decoder(tmp_path, task, decode
     metrics = train_decoder(cache, decoder, tmp_path / "run", epochs=1, lr=1e-3, heads=2, **options)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["decoder"]["residual"] is expected
     assert metrics["method"] == method
+
+
+@pytest.mark.parametrize(("task", "options", "expected"), [
+    ("text-csv", {}, SMALL_POOL_RUNS),  # a user's small pool: one run's accuracy is too noisy to report alone
+    ("agnews", {}, 1),  # the paper's tasks keep one run per `classify train`
+    ("text-csv", {"runs": 1}, 1),
+])
+def test_runs_default_depends_on_the_task(tmp_path, task, options, expected):
+    cache = write_train_test_cache(tmp_path / "cache", task=task, num_train=48)
+    metrics = train_decoder(cache, "linear", tmp_path / "run", epochs=1, lr=1e-3, **options)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["runs"] == len(metrics["accuracy"]["per_split"]) == len(set(metrics["seeds"])) == expected
+    assert run["config"]["runs"] == options.get("runs")  # the config as given; run.json holds the resolved value
+
+
+def test_default_runs_grow_only_on_a_users_small_train_test_pool():
+    assert default_runs(None, {"task": "text-csv"}, SMALL_POOL_ITEMS - 1) == SMALL_POOL_RUNS
+    assert default_runs(None, {"task": "text-csv"}, SMALL_POOL_ITEMS) == 1  # the paper's smallest set: one run
+    assert default_runs(None, {"task": "image-folder"}, 100) == SMALL_POOL_RUNS
+    assert default_runs(None, {"task": "audio-folder", "grouping": "speaker"}, 100) == 1  # one model per fold
+    assert default_runs(None, {"task": "cifar100"}, 100) == 1
+    assert default_runs(2, {"task": "text-csv"}, 100) == 2
 
 
 def test_default_epochs_reach_the_step_floor():

@@ -49,7 +49,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _positive_int(self.epochs, "epochs", optional=True)
         _positive_int(self.batch_size, "batch_size", optional=True)
-        _positive_int(self.runs, "runs")
+        _positive_int(self.runs, "runs", optional=True)
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"`seed` must be an integer, got {self.seed!r}")
         _require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
                  f"`weight_decay` must be a number >= 0, got {self.weight_decay!r}")
@@ -90,6 +90,7 @@ class RunConfig:
 class DecoderRunConfig(RunConfig):
     """A DAT decoder run (`classify train`): the decoder and the layers it reads."""
 
+    runs: Optional[int] = None  # None: see experiment.default_runs (3 on a user's small train/test task)
     decoder: str = "daam-v1"
     layers: Optional[str] = None
     heads: Optional[int] = None
@@ -135,6 +136,7 @@ class LoRARunConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _positive_int(self.runs, "runs")  # LoRA keeps the paper's recipe: one run unless asked
         _positive_int(self.rank, "rank")
         _require(isinstance(self.alpha, (int, float)) and self.alpha > 0, f"`alpha` must be positive, got {self.alpha!r}")
         _require(not self.plus or self.loraplus_ratio >= 1,

@@ -36,6 +36,7 @@ from daamkit.classify.experiment import (
     RunContext,
     default_batch_size,
     default_epochs,
+    default_runs,
     is_speech,
     load_run,
     make_accelerator,
@@ -70,7 +71,8 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
     ("9", "19-21") of encoder layer numbers; None trains on every cached layer (the linear probe: on the
     last one). `lr` is a number or "auto" (chosen on the first split's dev items from `LR_GRID`); None is
     "auto" on a user's task and the paper's value (1e-4, 5e-5 for Llama) on the paper's tasks. `epochs`
-    None is the paper's 35, raised to `MIN_TRAIN_STEPS` optimizer steps on a small training pool.
+    None is the paper's 35, raised to `MIN_TRAIN_STEPS` optimizer steps on a small training pool. `runs`
+    None is 3 seeded runs on a user's train/test task under 5,000 training items, else 1 (`default_runs`).
     With `resume`, the run saved in `out_dir` continues (its settings; `features_dir`/`decoder` unused):
     finished folds/runs are kept and the interrupted one goes on from its last finished epoch.
     """
@@ -93,7 +95,8 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
     accelerator = make_accelerator(run["mixed_precision"], cpu=cpu)
     log(f"{run['method']}: {run['epochs']} epochs, batch {run['batch_size']}, lr {run['lr']}, "
         f"layers {','.join(map(str, run['layer_numbers']))}, {context.decoder.head} head, "
-        f"keeps the {context.selection}"
+        f"keeps the {context.selection}, {len(context.plans)} "
+        f"{'fold' if run['cache'].get('grouping') else 'seeded run'}(s)"
         + (" (resumed)" if resume else ""))
     history = {}
     plans = context.plans
@@ -133,7 +136,10 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
                              config.head if spec.one_layer else resolve_head(config.head, manifest),
                              resolve_residual(config.residual, manifest, spec.residual))
     batch_size = config.batch_size or default_batch_size(manifest)
-    plans = plan_splits(manifest.get("grouping"), open_sources(cache), seed=config.seed, runs=config.runs,
+    sources = open_sources(cache)
+    pool = sources["train"] if "train" in sources else next(iter(sources.values()))
+    runs = default_runs(config.runs, manifest, len(pool))
+    plans = plan_splits(manifest.get("grouping"), sources, seed=config.seed, runs=runs,
                         dev_fraction=config.dev_fraction)
     return {
         "version": 2,
@@ -156,7 +162,7 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
         "selection": resolve_selection(config.selection, manifest),
         "dev_fraction": config.dev_fraction,
         "seed": config.seed,
-        "runs": config.runs,
+        "runs": runs,
         "mixed_precision": resolve_mixed_precision(config.mixed_precision),
         "compile": config.compile,
     }

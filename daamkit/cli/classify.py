@@ -98,7 +98,9 @@ def train(
         "Llama) on iemocap/agnews/cifar100]."),
     batch_size: Optional[int] = typer.Option(_R("batch_size"), "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
     seed: int = typer.Option(_R("seed"), "--seed", help="Seed of the first run; run r uses seed + r."),
-    runs: int = typer.Option(_R("runs"), "--runs", help="Repeated runs with different seeds (train/test tasks)."),
+    runs: Optional[int] = typer.Option(
+        _R("runs"), "--runs", help="Repeated runs with different seeds (train/test tasks) [default: 3 on your own "
+        "data under 5,000 training items, else 1]."),
     layers: Optional[str] = typer.Option(
         _R("layers"), "--layers", help="Encoder layers to train on, e.g. 9 or 19-21 [default: all; linear: the last]."),
     heads: Optional[int] = typer.Option(
