@@ -152,6 +152,30 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(image_dir, tmp_path, mo
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
+def test_step_statistics_leave_the_device_only_on_logging_steps(image_dir, tmp_path, monkeypatch):
+    """`.item()`-style syncs only every `log_every` steps (and step 1); TensorBoard gets exactly those numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    converted = {}
+    original = train_module.Trainer._step_metrics
+
+    def recording(stats):
+        values = original(stats)
+        assert all(isinstance(value, float) for value in values.values())
+        converted[len(converted)] = values
+        return values
+
+    monkeypatch.setattr(train_module.Trainer, "_step_metrics", staticmethod(recording))
+    result = _train_cli(image_dir, tmp_path / "run", "--steps", "5", "--eval-every", "100", "--log-every", "2")
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+    logged = events.Scalars("train/loss")
+    assert [event.step for event in logged] == [1, 2, 4] and len(converted) == 3
+    assert [event.value for event in logged] == pytest.approx([converted[i]["loss"] for i in range(3)])
+    usage = events.Scalars("codebook/batch_usage")  # from the step's code histogram, in percent
+    assert all(0 < event.value <= 100 for event in usage) and len(usage) == 3
+
+
 def test_resume_refuses_changed_model_options(trained):
     result = invoke("vqvae", "train", "--out", trained, "--resume", "--num-embeddings", "32")
     assert result.exit_code == 2 and "--num-embeddings 32 differs" in result.output

@@ -279,9 +279,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------------------------- one step
-    def _train_step(self, images: torch.Tensor, stop: _StopRequest) -> dict[str, float]:
+    def _train_step(self, images: torch.Tensor, stop: _StopRequest) -> dict[str, torch.Tensor | float]:
         """Forward, finite check (agreed across processes, with the stop flag), backward, clip, step; then the
-        discriminator's step (once `disc_start` is reached) and the weight-EMA update."""
+        discriminator's step (once `disc_start` is reached) and the weight-EMA update.
+
+        Returns the step's statistics as detached tensors (`_step_metrics` turns them into numbers on logging
+        steps only): the finite check is the step's one device sync, so the host queues the next step while
+        the device still runs this one's backward."""
         self.model.train()
         gan_active = self.discriminator is not None and self.step >= self.config.disc_start
         extra: dict[str, torch.Tensor] = {}
@@ -301,8 +305,9 @@ class Trainer:
         flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop.requested), device=loss.device)])
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, "sum")
-        self.stop_agreed = bool(flags[1] > 0)  # every process stops after the same step
-        if flags[0] > 0:
+        non_finite, stop_requested = flags.tolist()  # one sync for both flags
+        self.stop_agreed = stop_requested > 0  # every process stops after the same step
+        if non_finite > 0:
             raise DaamkitError(self._non_finite_message(loss.item()))
         self.accelerator.backward(loss)
         grad_norm = None
@@ -315,17 +320,26 @@ class Trainer:
             extra.update(self._discriminator_step(images, out.reconstruction.detach()))
         if self.weight_ema is not None:
             self.weight_ema.update(self.raw_model, self.step)
-        usage, perplexity = codebook_usage_and_perplexity(out.quant.counts)
         stats = {
-            "loss": loss.item(), "recon": recon_loss.item(), "commitment": out.quant.commitment.item(),
-            "psnr": psnr_per_image(out.reconstruction, images).mean().item(),
-            "usage": usage, "perplexity": perplexity, "lr": self.scheduler.get_last_lr()[0],
+            "loss": loss.detach(), "recon": recon_loss.detach(), "commitment": out.quant.commitment.detach(),
+            "psnr": psnr_per_image(out.reconstruction.detach(), images).mean(), "counts": out.quant.counts.detach(),
+            "lr": self.scheduler.get_last_lr()[0],
         }
         if perceptual is not None:
-            stats["perceptual"] = perceptual.item()
+            stats["perceptual"] = perceptual.detach()
         if grad_norm is not None:
-            stats["grad_norm"] = float(grad_norm)
+            stats["grad_norm"] = grad_norm
         return {**stats, **extra}
+
+    @staticmethod
+    def _step_metrics(stats: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """A step's statistics as numbers (one device sync for the scalars), with the batch's codebook usage
+        and perplexity in place of its code histogram."""
+        stats = dict(stats)
+        usage, perplexity = codebook_usage_and_perplexity(stats.pop("counts"))
+        tensors = {key: value for key, value in stats.items() if isinstance(value, torch.Tensor)}
+        values = torch.stack([value.float().reshape(()) for value in tensors.values()]).tolist() if tensors else []
+        return {**stats, **dict(zip(tensors, values)), "usage": usage, "perplexity": perplexity}
 
     def _adversarial_term(self, reconstruction: torch.Tensor, nll: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The generator's adversarial loss and its adaptive weight (1 without `adaptive_disc_weight`).
@@ -459,6 +473,7 @@ class Trainer:
             f"processes={self.accelerator.num_processes}")
         status, metrics, evaluated_at = "completed", None, None
         batches = iter(self._loader(self.splits.train))
+        shown: dict[str, float] = {}  # the progress bar's loss and PSNR, from the last logging step
         try:
             with _StopRequest() as stop, progress_bar("training", total=config.steps, completed=self.step) as task:
                 while self.step < config.steps:
@@ -473,9 +488,12 @@ class Trainer:
                     eval_step = self.step % config.eval_every == 0 or self.step == config.steps
                     if logging_step or eval_step or self.stop_agreed:
                         self._gather_failures()
-                    if self.writer is not None and logging_step:
-                        self._log_train(stats)
-                    task.advance(loss=stats["loss"], psnr=stats["psnr"])
+                    if logging_step:  # the only steps whose statistics leave the device
+                        values = self._step_metrics(stats)
+                        shown = {"loss": values["loss"], "psnr": values["psnr"]}
+                        if self.writer is not None:
+                            self._log_train(values)
+                    task.advance(**shown)
                     if eval_step:
                         metrics, evaluated_at = self._validate(), self.step
                     if self.stop_agreed:
