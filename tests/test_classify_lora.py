@@ -94,6 +94,41 @@ def test_loraplus_uses_peft_helper_with_the_ratio(tmp_path, agnews_dir, tiny_lla
     assert [e["name"] for e in metrics["accuracy"]["per_split"]] == ["run1", "run2"] and metrics["seeds"] == [0, 1]
 
 
+def test_resume_continues_an_interrupted_lora_run_exactly(tmp_path, agnews_dir, tiny_bert, monkeypatch):
+    """Interrupted inside run 2, refused as a new run, resumed from the CLI: the result of one go, bit for bit."""
+    options = {"rank": 2, "epochs": 3, "runs": 2, "lr": 1e-2}
+    full = train_lora("agnews", agnews_dir, str(tiny_bert), tmp_path / "full", **options)
+    original, calls = lora.accuracy, []
+
+    def accuracy(*args):  # run1: dev epochs 1-3, then its test score; run2: dev epoch 1, then stop
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(lora, "accuracy", accuracy)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train_lora("agnews", agnews_dir, str(tiny_bert), out, **options)
+    assert (out / "splits" / "run1" / "history.json").is_file() and not (out / "splits" / "run2" / "history.json").exists()
+    calls.clear()
+    monkeypatch.setattr(lora, "accuracy", lambda *args: calls.append(1) or original(*args))
+    common = ["classify", "lora", "--out", str(out), "--quiet"]
+    result = runner.invoke(app, [*common, "--task", "agnews", "--data", str(agnews_dir), "--encoder", str(tiny_bert)])
+    assert result.exit_code == 2 and "pass --resume to continue it" in result.stderr
+    result = runner.invoke(app, [*common, "--resume", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == full
+    assert len(calls) == 4  # run2's dev epochs 2 and 3 (not 1 again: it continued), the two test scores
+    for split in ("run1", "run2"):
+        resumed, straight = (load_weights(run / "splits" / split / "best") for run in (out, tmp_path / "full"))
+        assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    result = runner.invoke(app, [*common, "--resume"])
+    assert result.exit_code == 2 and "has finished already" in result.stderr
+    result = runner.invoke(app, ["classify", "lora", "--out", str(tmp_path / "new"), "--quiet"])
+    assert result.exit_code == 2 and "needs --task, --data and --encoder (or --resume" in result.stderr
+
+
 def test_wavlm_query_key_adapters_get_no_gradient_and_are_refused(tmp_path, audio_folder_dir, tiny_wavlm):
     with pytest.raises(DaamkitError, match=r"q_proj.*no gradient.*`target_modules` intermediate_dense,output_dense"):
         train_lora("audio-folder", audio_folder_dir, str(tiny_wavlm), tmp_path / "qk", rank=2, epochs=1,

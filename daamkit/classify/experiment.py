@@ -226,6 +226,25 @@ class RunContext:
         return split_checkpoint_dir(self.run_dir, split_name)
 
 
+def check_new_run_folder(out_dir: Path, settings_file: str, overwrite: bool) -> None:
+    """A new run may replace a finished run (METRICS_FILE) or an unfinished one (`settings_file`) only with `overwrite`."""
+    if overwrite:
+        return
+    if (out_dir / METRICS_FILE).exists():
+        raise DaamkitError(f"{out_dir} already holds a finished run; pass `overwrite` or choose another `out`")
+    if (out_dir / settings_file).exists():
+        raise DaamkitError(f"{out_dir} holds an unfinished run; pass `resume` to continue it or `overwrite`")
+
+
+def resumable_settings(out_dir: Path, settings_file: str) -> dict:
+    """The saved settings of the unfinished run in `out_dir` (`resume`); a missing or finished run is refused."""
+    settings = read_json(out_dir / settings_file,
+                         f"`resume`: {out_dir} holds no run to continue ({settings_file} is missing)")
+    if (out_dir / METRICS_FILE).exists():
+        raise DaamkitError(f"`resume`: the run in {out_dir} has finished already ({METRICS_FILE} exists)")
+    return settings
+
+
 def split_checkpoint_dir(run_dir: Path, split_name: str) -> Path:
     """Where the best checkpoint of one fold/run lives."""
     return Path(run_dir) / "splits" / split_name / "best"

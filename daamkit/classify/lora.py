@@ -33,12 +33,14 @@ from daamkit.classify.encoders import FrozenEncoder, masked_mean
 from daamkit.classify.evaluation import accuracy, accuracy_block, has_utterances, utterance_accuracy
 from daamkit.classify.experiment import (
     METRICS_FILE,
+    check_new_run_folder,
     default_batch_size,
     default_lr,
     is_speech,
     make_accelerator,
     plan_splits,
     resolve_mixed_precision,
+    resumable_settings,
     split_checkpoint_dir,
 )
 from daamkit.classify.feature_cache import FeatureSplit
@@ -305,41 +307,36 @@ def _open_job(settings: dict, out_dir: Path, cpu: bool) -> tuple[_Job, nn.Module
     return _Job(data, views, frozen, settings, accelerator, out_dir), frozen.load(), plans
 
 
-def train_lora(task: str, data_dir: str | Path, encoder: str, out_dir: str | Path, *, overwrite: bool = False,
-               cpu: bool = False, trust_remote_code: bool = False, **options) -> dict:
+def train_lora(task: Optional[str], data_dir: Optional[str | Path], encoder: Optional[str], out_dir: str | Path, *,
+               resume: bool = False, overwrite: bool = False, cpu: bool = False, trust_remote_code: bool = False,
+               **options) -> dict:
     """Fine-tune `encoder` with LoRA (or LoRA+ with `plus`) on `task`; write the run to `out_dir`, return metrics.
 
     `options` are the fields of `LoRARunConfig`. Folds/runs, seeds and dev splits are those `classify
     train` uses for the same task data (with the same `max_items`, `seed`, `runs` and `dev_fraction`).
     `target_modules` defaults to the attention query/key projections (WavLM: its feed-forward, see the
-    module docstring).
+    module docstring). With `resume`, the run saved in `out_dir` continues with its settings (`task`,
+    `data_dir`, `encoder` and `options` unused; its data must be unchanged): finished folds/runs are kept and
+    the interrupted one goes on from its last finished epoch, exactly as an uninterrupted run.
     """
     out_dir = output_folder(out_dir)  # a file in the way is refused before anything is read
-    config = LoRARunConfig(**options)
-    check_task(task)
-    if (out_dir / METRICS_FILE).exists() and not overwrite:
-        raise DaamkitError(f"{out_dir} already holds a finished run; pass `overwrite` or choose another `out`")
-    task_info = {"task": task, "encoder": encoder}
-    settings = {
-        **config.to_dict(), "config": config.to_dict(), "task": task, "data": str(Path(data_dir).resolve()),
-        "encoder_path": encoder, "trust_remote_code": trust_remote_code,
-        "loraplus_ratio": config.loraplus_ratio if config.plus else None,
-        "lr": config.lr if config.lr is not None else default_lr(task_info),
-        "batch_size": config.batch_size or default_batch_size(task_info),
-        "loss": ("focal" if is_speech(task_info) else "ce") if config.loss == "auto" else config.loss,
-        "mixed_precision": resolve_mixed_precision(config.mixed_precision),
-        "method": config.method or f"{'LoRA+' if config.plus else 'LoRA'} (r={config.rank})",
-    }
-    for folder in ("splits", "tensorboard"):  # a new run never continues an old one's epochs
-        shutil.rmtree(out_dir / folder, ignore_errors=True)
-    (out_dir / METRICS_FILE).unlink(missing_ok=True)
-    job, base, plans = _open_job(settings, out_dir, cpu)
-    targets = list(config.target_modules) if config.target_modules else default_target_modules(base)
-    settings.update({"encoder": job.encoder.name, "classes": job.data.classes, "fingerprint": job.data.fingerprint,
-                     "target_modules": targets})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / LORA_FILE, settings)
-    log(f"{settings['method']} on {job.encoder.name}: adapting {', '.join(targets)}")
+    if resume:
+        settings = resumable_settings(out_dir, LORA_FILE)
+        job, base, plans = _open_job(settings, out_dir, cpu)
+    else:
+        settings = _new_settings(task, data_dir, encoder, trust_remote_code, LoRARunConfig(**options))
+        check_new_run_folder(out_dir, LORA_FILE, overwrite)
+        for folder in ("splits", "tensorboard"):  # a new run never continues an old one's epochs
+            shutil.rmtree(out_dir / folder, ignore_errors=True)
+        (out_dir / METRICS_FILE).unlink(missing_ok=True)
+        job, base, plans = _open_job(settings, out_dir, cpu)
+        targets = settings["target_modules"] or default_target_modules(base)
+        settings.update({"encoder": job.encoder.name, "classes": job.data.classes,
+                         "fingerprint": job.data.fingerprint, "target_modules": targets})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / LORA_FILE, settings)
+    log(f"{settings['method']} on {job.encoder.name}: adapting {', '.join(settings['target_modules'])}"
+        + (" (resumed)" if resume else ""))
     history, scores = {}, []
     for plan in plans:
         history[plan.name], split_scores, base = job.train_split(base, plan)
@@ -349,6 +346,26 @@ def train_lora(task: str, data_dir: str | Path, encoder: str, out_dir: str | Pat
     log(f"test accuracy {metrics['accuracy']['mean']:.4f} +- {metrics['accuracy']['std']:.4f} "
         f"over {len(plans)} split(s)")
     return metrics
+
+
+def _new_settings(task: Optional[str], data_dir: Optional[str | Path], encoder: Optional[str],
+                  trust_remote_code: bool, config: LoRARunConfig) -> dict:
+    """lora.json of a new run before its encoder is opened: the config as given, and the values resolved."""
+    if task is None or data_dir is None or encoder is None:
+        raise DaamkitError("a new LoRA run needs `task`, `data` and `encoder` (or `resume` to continue one)")
+    check_task(task)
+    task_info = {"task": task, "encoder": encoder}
+    return {
+        **config.to_dict(), "config": config.to_dict(), "task": task, "data": str(Path(data_dir).resolve()),
+        "encoder_path": encoder, "trust_remote_code": trust_remote_code,
+        "loraplus_ratio": config.loraplus_ratio if config.plus else None,
+        "lr": config.lr if config.lr is not None else default_lr(task_info),
+        "batch_size": config.batch_size or default_batch_size(task_info),
+        "loss": ("focal" if is_speech(task_info) else "ce") if config.loss == "auto" else config.loss,
+        "mixed_precision": resolve_mixed_precision(config.mixed_precision),
+        "method": config.method or f"{'LoRA+' if config.plus else 'LoRA'} (r={config.rank})",
+        "target_modules": list(config.target_modules) if config.target_modules else None,
+    }
 
 
 def evaluate_lora(run_dir: str | Path, cpu: bool = False) -> dict:

@@ -25,7 +25,7 @@ from daamkit.classify.decoders import DENSITY_DECODERS, REGISTRY, TABLE_DECODERS
 from daamkit.classify.experiment import METRICS_FILE, PAPER_EPOCHS, RUN_FILE, default_lr
 from daamkit.classify.extract import extract_features
 from daamkit.classify.feature_cache import FeatureCache
-from daamkit.classify.lora import train_lora
+from daamkit.classify.lora import LORA_FILE, train_lora
 from daamkit.classify.report import build_report, render_markdown
 from daamkit.classify.run_config import LoRARunConfig
 from daamkit.classify.training import train_decoder
@@ -149,7 +149,8 @@ def reproduce_experiment(task: str, data_dir: str | Path, encoder: str, out_dir:
             run_dir = out / "runs" / f"{method}-r{rank}"
             if not _finished(run_dir, f"{method} r={rank}"):
                 train_lora(task, data_dir, encoder, run_dir, rank=rank, plus=method == "loraplus",
-                           epochs=options.lora_epochs, max_items=options.max_items, dtype=options.dtype, **common)
+                           epochs=options.lora_epochs, max_items=options.max_items, dtype=options.dtype,
+                           resume=(run_dir / LORA_FILE).is_file(), **common)
             run_dirs.append(run_dir)
     ablation = None
     if "ablation" in options.methods:

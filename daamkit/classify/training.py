@@ -34,6 +34,7 @@ from daamkit.classify.experiment import (
     METRICS_FILE,
     RUN_FILE,
     RunContext,
+    check_new_run_folder,
     default_batch_size,
     default_epochs,
     default_runs,
@@ -48,13 +49,14 @@ from daamkit.classify.experiment import (
     resolve_mixed_precision,
     resolve_residual,
     resolve_selection,
+    resumable_settings,
 )
 from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.importance import IMPORTANCE_DIR, write_importance
 from daamkit.classify.protocol import SplitPlan, parse_layers
 from daamkit.classify.run_config import DecoderRunConfig
 from daamkit.classify.split_loop import fit_split
-from daamkit.infra.checkpoint import atomic_write_json, read_json
+from daamkit.infra.checkpoint import atomic_write_json
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log
@@ -78,13 +80,10 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
     """
     out_dir = output_folder(out_dir)  # a file in the way is refused before anything is read
     if resume:
-        run = _resumable_run(out_dir)
+        run = resumable_settings(out_dir, RUN_FILE)
     else:
         config = DecoderRunConfig(decoder=decoder, **options)  # validates names before any file is read
-        if (out_dir / METRICS_FILE).exists() and not overwrite:
-            raise DaamkitError(f"{out_dir} already holds a finished run; pass `overwrite` or choose another `out`")
-        if (out_dir / RUN_FILE).exists() and not overwrite:
-            raise DaamkitError(f"{out_dir} holds an unfinished run; pass `resume` to continue it or `overwrite`")
+        check_new_run_folder(out_dir, RUN_FILE, overwrite)
         run = _new_run(features_dir, config)
         for folder in RUN_OUTPUTS:  # only what a run writes; other files in the folder are left alone
             shutil.rmtree(out_dir / folder, ignore_errors=True)
@@ -112,13 +111,6 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
             write_importance(context, accelerator)
     accelerator.wait_for_everyone()
     return metrics
-
-
-def _resumable_run(out_dir: Path) -> dict:
-    run = read_json(out_dir / RUN_FILE, f"`resume`: {out_dir} holds no run to continue ({RUN_FILE} is missing)")
-    if (out_dir / METRICS_FILE).exists():
-        raise DaamkitError(f"`resume`: the run in {out_dir} has finished already ({METRICS_FILE} exists)")
-    return run
 
 
 def _new_run(features_dir, config: DecoderRunConfig) -> dict:

@@ -215,9 +215,9 @@ _L = LoRARunConfig.default
 
 @app.command()
 def lora(
-    task: str = typer.Option(..., "--task", help=_TASK_HELP),
-    data: Path = typer.Option(..., "--data", help="Dataset folder in the task's original layout."),
-    encoder: str = typer.Option(..., "--encoder", help="HF model folder or name in the local HF cache."),
+    task: Optional[str] = typer.Option(None, "--task", help=_TASK_HELP + " Required unless --resume."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder in the task's original layout."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="HF model folder or name in the local HF cache."),
     out: Path = typer.Option(..., "--out", help="Run folder to write (metrics, adapter checkpoints)."),
     rank: int = typer.Option(_L("rank"), "--rank", help="LoRA rank r (the paper: 4 or 8)."),
     alpha: float = typer.Option(_L("alpha"), "--alpha", help="LoRA alpha (scale alpha / r)."),
@@ -238,7 +238,9 @@ def lora(
     dtype: str = typer.Option(_L("dtype"), "--dtype", help="Encoder weights: float32 | bfloat16 | float16."),
     mixed_precision: str = typer.Option(_L("mixed_precision"), "--mixed-precision", help=_MP_HELP),
     cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is present."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished or unfinished run in --out."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the interrupted run in --out with its saved settings (other options unused)."),
     method: Optional[str] = typer.Option(_L("method"), "--method", help="Row name in reports [default: LoRA (r=8)]."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's custom code."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout."),
@@ -254,7 +256,7 @@ def lora(
         task, data, encoder, out, rank=rank, alpha=alpha, plus=plus, loraplus_ratio=loraplus_ratio,
         target_modules=targets, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, runs=runs,
         dev_fraction=dev_fraction, loss=loss, weight_decay=weight_decay, max_items=max_items, dtype=dtype,
-        mixed_precision=mixed_precision, cpu=cpu, overwrite=overwrite, method=method,
+        mixed_precision=mixed_precision, cpu=cpu, overwrite=overwrite, resume=resume, method=method,
         trust_remote_code=trust_remote_code,
     )
     if as_json:
