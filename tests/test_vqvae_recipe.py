@@ -40,6 +40,21 @@ def test_patch_discriminator_scores_patches_and_refuses_too_small_images():
         TrainConfig(image_size=16, disc_weight=0.5)
 
 
+def test_stacked_real_and_fake_batches_are_normalised_as_separate_calls():
+    """One call on [real; fake] with batches=2 equals two calls (taming's D step): logits and BatchNorm stats."""
+    torch.manual_seed(0)
+    real, fake = torch.randn(3, 3, 16, 16) + 1.0, torch.randn(3, 3, 16, 16) * 0.5
+    stacked, separate = PatchDiscriminator(3, 8, layers=2), PatchDiscriminator(3, 8, layers=2)
+    separate.load_state_dict(stacked.state_dict())
+    together = stacked(torch.cat([real, fake]), batches=2)
+    torch.testing.assert_close(together, torch.cat([separate(real), separate(fake)]))
+    for key, value in separate.state_dict().items():  # running statistics updated once per side, in order
+        torch.testing.assert_close(stacked.state_dict()[key], value, msg=key)
+    mixed = PatchDiscriminator(3, 8, layers=2)
+    mixed.load_state_dict(separate.state_dict())
+    assert not torch.allclose(mixed(torch.cat([real, fake])), separate(torch.cat([real, fake]), batches=2))
+
+
 def test_adversarial_losses_match_their_formulas():
     real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.2, 1.5])
     hinge = 0.5 * (sum(max(0.0, 1 - r) for r in real.tolist()) / 3 + sum(max(0.0, 1 + f) for f in fake.tolist()) / 3)

@@ -36,8 +36,18 @@ class PatchDiscriminator(nn.Module):
         self.main = nn.Sequential(*stack)
         self.apply(_taming_init)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.main(images)
+    def forward(self, images: torch.Tensor, batches: int = 1) -> torch.Tensor:
+        """Patch logits of `images`. `batches` > 1: `images` is that many equal batches stacked (real images,
+        then reconstructions) and every BatchNorm normalises each batch on its own, as separate forward passes
+        would (taming scores real and fake images in two calls); one call keeps one DDP forward per backward.
+        Normalising real and fake together would let the discriminator tell them apart by their batch statistics,
+        which the generator's step, a batch of reconstructions alone, never shows it."""
+        if batches == 1:
+            return self.main(images)
+        x = images
+        for layer in self.main:
+            x = torch.cat([layer(part) for part in x.chunk(batches)]) if isinstance(layer, nn.BatchNorm2d) else layer(x)
+        return x
 
 
 def _taming_init(module: nn.Module) -> None:

@@ -358,9 +358,9 @@ class Trainer:
 
     def _discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
         """One discriminator update on real images and detached reconstructions (one forward over both, so
-        DDP sees a single forward per backward)."""
+        DDP sees a single forward per backward; BatchNorm statistics per side, see PatchDiscriminator)."""
         with self.accelerator.autocast():
-            logits_real, logits_fake = self.discriminator(torch.cat([real, fake])).float().chunk(2)
+            logits_real, logits_fake = self.discriminator(torch.cat([real, fake]), batches=2).float().chunk(2)
             disc_loss = discriminator_loss(self.config.disc_loss, logits_real, logits_fake)
             stats = {"discriminator": disc_loss.detach()}
             if self.lecam is not None:
