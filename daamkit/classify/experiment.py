@@ -227,7 +227,7 @@ class RunContext:
 
 
 def check_new_run_folder(out_dir: Path, settings_file: str, overwrite: bool) -> None:
-    """A new run may replace a finished run (METRICS_FILE) or an unfinished one (`settings_file`) only with `overwrite`."""
+    """A new run replaces a finished run (METRICS_FILE) or an unfinished one (`settings_file`) only with `overwrite`."""
     if overwrite:
         return
     if (out_dir / METRICS_FILE).exists():
