@@ -20,7 +20,7 @@ from daamkit.classify.experiment import (
     USER_DROPOUT,
     USER_HEAD,
     default_epochs,
-    default_runs,
+    resolve_runs,
 )
 from daamkit.classify.importance import importance_run
 from daamkit.classify.report import build_report, render_report
@@ -353,13 +353,13 @@ def test_runs_default_depends_on_the_task(tmp_path, task, options, expected):
     assert run["config"]["runs"] == options.get("runs")  # the config as given; run.json holds the resolved value
 
 
-def test_default_runs_grow_only_on_a_users_small_train_test_pool():
-    assert default_runs(None, {"task": "text-csv"}, SMALL_POOL_ITEMS - 1) == SMALL_POOL_RUNS
-    assert default_runs(None, {"task": "text-csv"}, SMALL_POOL_ITEMS) == 1  # the paper's smallest set: one run
-    assert default_runs(None, {"task": "image-folder"}, 100) == SMALL_POOL_RUNS
-    assert default_runs(None, {"task": "audio-folder", "grouping": "speaker"}, 100) == 1  # one model per fold
-    assert default_runs(None, {"task": "cifar100"}, 100) == 1
-    assert default_runs(2, {"task": "text-csv"}, 100) == 2
+def test_runs_default_grows_only_on_a_users_small_train_test_pool():
+    assert resolve_runs(None, {"task": "text-csv"}, SMALL_POOL_ITEMS - 1) == SMALL_POOL_RUNS
+    assert resolve_runs(None, {"task": "text-csv"}, SMALL_POOL_ITEMS) == 1  # the paper's smallest set: one run
+    assert resolve_runs(None, {"task": "image-folder"}, 100) == SMALL_POOL_RUNS
+    assert resolve_runs(None, {"task": "audio-folder", "grouping": "speaker"}, 100) == 1  # one model per fold
+    assert resolve_runs(None, {"task": "cifar100"}, 100) == 1
+    assert resolve_runs(2, {"task": "text-csv"}, 100) == 2
 
 
 def test_default_epochs_reach_the_step_floor():

@@ -99,18 +99,6 @@ def default_epochs(num_train_items: int, batch_size: int) -> int:
     return max(PAPER_EPOCHS, -(-MIN_TRAIN_STEPS // steps_per_epoch))
 
 
-def default_runs(runs: Optional[int], manifest: dict, train_items: int) -> int:
-    """`runs` as given; None is SMALL_POOL_RUNS on a user's train/test task under SMALL_POOL_ITEMS training
-    items, else 1.
-
-    A session-grouped cache (IEMOCAP) trains one model per fold instead, and the paper's tasks keep one run.
-    """
-    if runs is not None:
-        return runs
-    small_user_pool = not is_paper_task(manifest) and not manifest.get("grouping") and train_items < SMALL_POOL_ITEMS
-    return SMALL_POOL_RUNS if small_user_pool else 1
-
-
 def _task_default(value: Any, manifest: dict, *, paper: Any, user: Any) -> Any:
     """`value` as given; None is `paper` on the paper's tasks and `user` on a user's task."""
     if value is not None:
@@ -131,6 +119,13 @@ def resolve_head(head: Optional[str], manifest: dict) -> str:
 def resolve_residual(residual: Optional[bool], manifest: dict, decoder_has_one: bool) -> bool:
     """The residual path of mha/mha-bn; None is on for them on a user's task (see USER_RESIDUAL), off on the paper's."""
     return bool(_task_default(residual, manifest, paper=False, user=USER_RESIDUAL and decoder_has_one))
+
+
+def resolve_runs(runs: Optional[int], manifest: dict, train_items: int) -> int:
+    """Seeded runs; None is SMALL_POOL_RUNS on a user's train/test task under SMALL_POOL_ITEMS training items,
+    else 1 (the paper's tasks keep one run; a session-grouped cache trains one model per fold instead)."""
+    small_pool = not manifest.get("grouping") and train_items < SMALL_POOL_ITEMS
+    return _task_default(runs, manifest, paper=1, user=SMALL_POOL_RUNS if small_pool else 1)
 
 
 def resolve_selection(selection: Optional[str], manifest: dict) -> str:

@@ -90,7 +90,7 @@ class RunConfig:
 class DecoderRunConfig(RunConfig):
     """A DAT decoder run (`classify train`): the decoder and the layers it reads."""
 
-    runs: Optional[int] = None  # None: see experiment.default_runs (3 on a user's small train/test task)
+    runs: Optional[int] = None  # None: see experiment.resolve_runs (3 on a user's small train/test task)
     decoder: str = "daam-v1"
     layers: Optional[str] = None
     heads: Optional[int] = None

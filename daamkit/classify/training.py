@@ -37,7 +37,6 @@ from daamkit.classify.experiment import (
     check_new_run_folder,
     default_batch_size,
     default_epochs,
-    default_runs,
     is_speech,
     load_run,
     make_accelerator,
@@ -48,6 +47,7 @@ from daamkit.classify.experiment import (
     resolve_lr,
     resolve_mixed_precision,
     resolve_residual,
+    resolve_runs,
     resolve_selection,
     resumable_settings,
 )
@@ -74,7 +74,7 @@ def train_decoder(features_dir: Optional[str | Path], decoder: Optional[str], ou
     last one). `lr` is a number or "auto" (chosen on the first split's dev items from `LR_GRID`); None is
     "auto" on a user's task and the paper's value (1e-4, 5e-5 for Llama) on the paper's tasks. `epochs`
     None is the paper's 35, raised to `MIN_TRAIN_STEPS` optimizer steps on a small training pool. `runs`
-    None is 3 seeded runs on a user's train/test task under 5,000 training items, else 1 (`default_runs`).
+    None is 3 seeded runs on a user's train/test task under 5,000 training items, else 1 (`resolve_runs`).
     With `resume`, the run saved in `out_dir` continues (its settings; `features_dir`/`decoder` unused):
     finished folds/runs are kept and the interrupted one goes on from its last finished epoch.
     """
@@ -130,7 +130,7 @@ def _new_run(features_dir, config: DecoderRunConfig) -> dict:
     batch_size = config.batch_size or default_batch_size(manifest)
     sources = open_sources(cache)
     pool = sources["train"] if "train" in sources else next(iter(sources.values()))
-    runs = default_runs(config.runs, manifest, len(pool))
+    runs = resolve_runs(config.runs, manifest, len(pool))
     plans = plan_splits(manifest.get("grouping"), sources, seed=config.seed, runs=runs,
                         dev_fraction=config.dev_fraction)
     return {
