@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from daamkit.cli.app import new_app
-from daamkit.cli.main import app
+from daamkit.cli.main import app, main
 from daamkit.infra import checkpoint
 from daamkit.infra.config_file import read_toml
 from daamkit.infra.errors import DaamkitError
@@ -90,6 +90,20 @@ def test_ctrl_c_that_reaches_the_cli_is_one_line_and_exit_130():
 
 def test_unknown_command_fails():
     assert runner.invoke(app, ["nonsense"]).exit_code != 0
+
+
+def test_the_command_leaves_its_process_group_before_exit(tmp_path, monkeypatch):
+    """A torchrun worker exits with its process group torn down (left to the interpreter, gloo's threads
+    can abort a command that has succeeded)."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    monkeypatch.setattr("sys.argv", ["daamkit", "info", "--json"])
+    with pytest.raises(SystemExit) as finished:
+        main()
+    assert finished.value.code == 0
+    assert not dist.is_initialized()
 
 
 def test_missing_hf_model_names_where_to_put_it(tmp_path, monkeypatch):

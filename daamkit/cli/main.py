@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 import typer
@@ -75,9 +76,21 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
         typer.echo(f"  - {name}")
 
 
+def _leave_process_group() -> None:
+    """Tear down a torchrun / `accelerate launch` process group before the interpreter exits: left to exit,
+    its gloo worker threads can abort the process (SIGABRT, "terminate called without an active
+    exception") after the command itself has succeeded. A command that never imported torch has none."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    finally:
+        _leave_process_group()
 
 
 if __name__ == "__main__":
