@@ -4,6 +4,7 @@ LPIPS and GAN, and quantizer search memory.
 Prints ratios measured in one run (the machines are noisy, so DAAM and none steps are interleaved):
 
     python benchmarks/bench_vqvae.py                       # default CPU training config
+    python benchmarks/bench_vqvae.py --glibc-defaults      # the same without `vqvae train`'s CPU allocator setting
     python benchmarks/bench_vqvae.py --base-channels 128 --image-size 128 --batch-size 8
 
 The recipe ratios time `vqvae train`'s own step (the Trainer of a dry run, no data) with LPIPS (random
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from daamkit.infra.cpu_memory import reuse_freed_memory
 from daamkit.vqvae.config import VQVAEConfig
 from daamkit.vqvae.model import VQVAE
 from daamkit.vqvae.quantizer import nearest_codes
@@ -185,11 +187,19 @@ def main() -> None:
     parser.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"), help="LPIPS trunk of the recipe ratio")
     parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder (both variants)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="on CPU, keep glibc's allocator defaults instead of `vqvae train`'s reuse of freed memory "
+                             "(implies --skip-recipe: its Trainer would switch to the reuse)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    allocator = "device (caching allocator)"
+    if device.type == "cpu":
+        reused = not args.glibc_defaults and reuse_freed_memory()
+        allocator = "freed memory reused, as `vqvae train` on CPU" if reused else "glibc defaults"
+        args.skip_recipe = args.skip_recipe or args.glibc_defaults
 
     step = bench_train_step(args, device)
-    print(f"device {device}, threads {torch.get_num_threads()}, config {step['config']}")
+    print(f"device {device}, threads {torch.get_num_threads()}, allocator: {allocator}, config {step['config']}")
     print(f"train step: daam {step['daam_step_s'] * 1e3:.1f} ms, none {step['none_step_s'] * 1e3:.1f} ms, "
           f"DAAM adds {step['daam_overhead_pct']:+.1f}% (target <= 25% at the default config, <= 10% at base 128)")
     if not args.skip_recipe:

@@ -1,6 +1,10 @@
 """CLI skeleton, one-line user errors, atomic checkpoints and TOML config merging."""
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ from daamkit.cli.app import new_app
 from daamkit.cli.main import app, main
 from daamkit.infra import checkpoint
 from daamkit.infra.config_file import read_toml
+from daamkit.infra.cpu_memory import reuse_freed_memory, user_chose_allocator
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.local_weights import resolve_hf_model
 
@@ -104,6 +109,40 @@ def test_the_command_leaves_its_process_group_before_exit(tmp_path, monkeypatch)
         main()
     assert finished.value.code == 0
     assert not dist.is_initialized()
+
+
+PAGE_FAULTS_SCRIPT = """
+import resource, sys, torch
+from daamkit.infra.cpu_memory import reuse_freed_memory
+applied = sys.argv[1] == "reuse" and reuse_freed_memory()
+def step():  # a training step's pattern: large temporaries made and freed together
+    temporaries = [torch.ones(2**21) for _ in range(10)]
+    del temporaries
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_cpu_training_reuses_freed_memory_instead_of_paging_it_in_again():
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_") and name != "LD_PRELOAD"}
+    faults = {}
+    for mode in ("defaults", "reuse"):
+        done = subprocess.run([sys.executable, "-c", PAGE_FAULTS_SCRIPT, mode], env=env, capture_output=True, text=True,
+                              check=True)
+        applied, count = done.stdout.split()
+        assert applied == str(mode == "reuse")
+        faults[mode] = int(count)
+    assert faults["defaults"] > 4 * 10 * 8 * 2**20 // 4096 // 2  # most of the 4 x 80 MiB paged in again
+    assert faults["reuse"] < faults["defaults"] / 3
+
+
+def test_a_configured_allocator_is_left_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert user_chose_allocator() and not reuse_freed_memory()
 
 
 def test_missing_hf_model_names_where_to_put_it(tmp_path, monkeypatch):

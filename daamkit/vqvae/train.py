@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from daamkit.infra.checkpoint import load_config, load_state_dict_strict, load_training_state, load_weights, save_checkpoint
+from daamkit.infra.cpu_memory import reuse_freed_memory
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log, progress_bar, set_quiet
@@ -165,6 +166,8 @@ class Trainer:
         self.lpips = self._perceptual_model(dry_run) if config.perceptual_weight > 0 else None
         # Without a GPU, cpu=True lets torchrun / `accelerate launch` start a gloo process group (DDP on CPU).
         no_accelerator = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+        if no_accelerator:  # the step's large temporaries are then reused, not paged in again every step
+            reuse_freed_memory()
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=no_accelerator)
         self.is_main = self.accelerator.is_main_process
         if not self.is_main:
