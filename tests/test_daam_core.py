@@ -129,6 +129,54 @@ def test_gradcheck_float64():
             lambda i, *p: torch.func.functional_call(mix, dict(zip(names, p)), (i,), {"mask": m}), (xm, *values))
 
 
+def _backward_nodes(out: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes that produced `out`."""
+    seen, pending = {}, [out.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = type(node).__name__
+            pending += [parent for parent, _ in node.next_functions]
+    return set(seen.values())
+
+
+@pytest.mark.parametrize("heads, masked, combine", [(4, False, "product"), (5, False, "product"), (4, True, "product"),
+                                                    (4, False, "sum")], ids=["fused", "uneven", "masked", "sum"])
+def test_skip_form_is_x_plus_the_mixture_output_with_exact_gradients(heads, masked, combine):
+    """`skip=True` gives x + MixtureDAAM(x) (padded positions stay x): fused for even product heads without a
+    mask, composed otherwise; float64 gradcheck of both (also with the gate as a second output), and float32
+    gradients equal to the composed form."""
+    torch.manual_seed(8)
+    mask = (torch.rand(2, 1, 3) > 0.3) if masked else None
+    plain = _randomise(MixtureDensityAdaptiveAttention(heads, 3, norm_axis=1, combine=combine))
+    skip = MixtureDensityAdaptiveAttention(heads, 3, norm_axis=1, combine=combine, skip=True)
+    skip.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 12, 3, requires_grad=True)
+    grad = torch.randn(2, 12, 3)
+    expected = plain(x, mask=mask)
+    expected = expected + x if mask is None else torch.where(mask, expected + x, x)
+    results = []
+    for out in (expected, skip(x, mask=mask)):
+        results.append((out, *torch.autograd.grad(out, [x, *plain.parameters(), *skip.parameters()], grad,
+                                                  allow_unused=True)))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert ("_ProductMixtureSkipBackward" in _backward_nodes(results[1][0])) == (heads == 4 and not masked and
+                                                                                combine == "product")
+    n = len(list(plain.parameters()))
+    composed_grads = [results[0][1], *results[0][2:2 + n]]
+    fused_grads = [results[1][1], *results[1][2 + n:]]
+    for fused_grad, composed_grad in zip(fused_grads, composed_grads):
+        torch.testing.assert_close(fused_grad, composed_grad)
+    skip = skip.double()
+    names = [name for name, _ in skip.named_parameters()]
+    values = [p.detach().clone().requires_grad_() for p in skip.parameters()]
+    x64 = torch.randn(2, 12, 2, dtype=torch.float64, requires_grad=True)
+    m = None if mask is None else mask[..., :2]
+    for return_gate in (False, True):  # the gate as a second output takes gradients too
+        assert torch.autograd.gradcheck(lambda i, *p: torch.func.functional_call(
+            skip, dict(zip(names, p)), (i,), {"mask": m, "return_gate": return_gate}), (x64, *values))
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native-view", "contiguous-copy"])
 @pytest.mark.parametrize("build", [
     lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1),  # hand-written backward

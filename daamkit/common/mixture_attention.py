@@ -26,46 +26,83 @@ MIN_C_SQUARED = 1e-8  # c_i^2 is clamped to at least this, so no Gaussian collap
 COMBINES = ("product", "sum")
 
 
-class _ProductMixtureGate(torch.autograd.Function):
-    """The product-of-Gaussians map of one unmasked head layout, with a hand-derived backward.
+def _product_gate(x: Tensor, half_p: Tensor, q: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The product-of-Gaussians map of one unmasked head layout, and the `(c, inv_var)` its gradient needs.
 
     With c = x - mean(x), var the unbiased variance + eps, a = q / var and b = p / (2 var) per column,
     the gate is softmax(c * (a - b c)) over `dim` (the same as softmax(z (Q / sigma - P z / 2))). Few
-    passes over memory: the variance is one fused dot product of c with itself; the backward takes the
-    softmax gradient in one fused kernel, uses sum(softmax grad) = 0 and sum(c) = 0 to need only two
-    reductions over `dim` (a sum and a dot product), and builds grad_x in three fused multiply-adds. With
-    narrow heads the per-column statistics are a sizeable tensor too, so they are scaled in place.
+    passes over memory: the variance is one fused dot product of c with itself. With narrow heads the
+    per-column statistics are a sizeable tensor too, so they are scaled in place.
     """
+    n = x.shape[dim]
+    c = x - x.mean(dim, keepdim=True)
+    inv_var = torch.linalg.vecdot(c, c, dim=dim).unsqueeze(dim).div_(max(n - 1, 1)).add_(VARIANCE_EPS).reciprocal_()
+    logits = torch.addcmul(q * inv_var, half_p * inv_var, c, value=-1.0).mul_(c)
+    return torch.softmax(logits, dim), c, inv_var
+
+
+def _product_gate_grads(grad_gate: Tensor, gate: Tensor, c: Tensor, inv_var: Tensor, half_p: Tensor, q: Tensor,
+                        dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Hand-derived gradients of `_product_gate` for x, half_p and q: the softmax gradient in one fused
+    kernel, sum(softmax grad) = 0 and sum(c) = 0 leave only two reductions over `dim` (a sum and a dot
+    product), and grad_x is built in three fused multiply-adds."""
+    n = c.shape[dim]
+    u = torch._softmax_backward_data(grad_gate, gate, dim, gate.dtype)  # grad of the logits
+    uc = u * c
+    grad_a_scaled = uc.sum(dim, keepdim=True).mul_(inv_var)  # dL/da * inv_var = dL/dq per column
+    sum_ucc_scaled = torch.linalg.vecdot(uc, c, dim=dim).unsqueeze(dim).mul_(inv_var)  # -dL/d(half_p)
+    # a = q / var and b = p / (2 var) depend on var, and var on c (d var / d c = 2 c / (n - 1)):
+    var_coeff = torch.addcmul(sum_ucc_scaled * half_p, grad_a_scaled, q, value=-1.0).mul_(inv_var * (2.0 / max(n - 1, 1)))
+    # grad_c = u a - 2 b u c + c var_coeff; grad_x = grad_c - mean(grad_c) = grad_c + 2 b dL/da / n
+    grad_x = torch.addcmul(grad_a_scaled * (half_p * (2.0 / n)), u, q * inv_var)
+    grad_x.addcmul_(uc, (half_p * -2.0) * inv_var).addcmul_(c, var_coeff)
+    return grad_x, -sum_ucc_scaled.sum_to_size(half_p.shape), grad_a_scaled.sum_to_size(q.shape)
+
+
+class _ProductMixtureGate(torch.autograd.Function):
+    """`_product_gate` with its hand-derived backward (fewer passes than autograd's)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, half_p: Tensor, q: Tensor, dim: int) -> Tensor:
-        n = x.shape[dim]
-        c = x - x.mean(dim, keepdim=True)
-        inv_var = torch.linalg.vecdot(c, c, dim=dim).unsqueeze(dim).div_(max(n - 1, 1)).add_(VARIANCE_EPS).reciprocal_()
-        logits = torch.addcmul(q * inv_var, half_p * inv_var, c, value=-1.0).mul_(c)
-        gate = torch.softmax(logits, dim)
-        ctx.save_for_backward(c, gate, inv_var, half_p, q)
+        gate, c, inv_var = _product_gate(x, half_p, q, dim)
+        ctx.save_for_backward(gate, c, inv_var, half_p, q)
         ctx.dim = dim
         return gate
 
     @staticmethod
     def backward(ctx, grad_gate: Tensor):
-        c, gate, inv_var, half_p, q = ctx.saved_tensors
-        dim, n = ctx.dim, c.shape[ctx.dim]
-        u = torch._softmax_backward_data(grad_gate, gate, dim, gate.dtype)  # grad of the logits
-        uc = u * c
-        grad_a_scaled = uc.sum(dim, keepdim=True).mul_(inv_var)  # dL/da * inv_var = dL/dq per column
-        sum_ucc_scaled = torch.linalg.vecdot(uc, c, dim=dim).unsqueeze(dim).mul_(inv_var)  # -dL/d(half_p)
-        # a = q / var and b = p / (2 var) depend on var, and var on c (d var / d c = 2 c / (n - 1)):
-        var_coeff = torch.addcmul(sum_ucc_scaled * half_p, grad_a_scaled, q, value=-1.0).mul_(inv_var * (2.0 / max(n - 1, 1)))
-        # grad_c = u a - 2 b u c + c var_coeff; grad_x = grad_c - mean(grad_c) = grad_c + 2 b dL/da / n
-        grad_x = torch.addcmul(grad_a_scaled * (half_p * (2.0 / n)), u, q * inv_var)
-        grad_x.addcmul_(uc, (half_p * -2.0) * inv_var).addcmul_(c, var_coeff)
-        return grad_x, -sum_ucc_scaled.sum_to_size(half_p.shape), grad_a_scaled.sum_to_size(q.shape), None
+        return *_product_gate_grads(grad_gate, *ctx.saved_tensors, ctx.dim), None
+
+
+class _ProductMixtureSkip(torch.autograd.Function):
+    """`(x + x * gate, gate)`: the skip form in one pass, its backward adding grad * (1 + gate) to the gate's.
+    The gate is an output too (for `return_gate`); when it is not used its gradient is never built."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, half_p: Tensor, q: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        gate, c, inv_var = _product_gate(x, half_p, q, dim)
+        ctx.save_for_backward(x, gate, c, inv_var, half_p, q)
+        ctx.dim = dim
+        ctx.set_materialize_grads(False)
+        return torch.addcmul(x, x, gate), gate
+
+    @staticmethod
+    def backward(ctx, grad_out: Optional[Tensor], grad_gate: Optional[Tensor]):
+        x, gate, *saved = ctx.saved_tensors
+        total_grad_gate = grad_gate if grad_out is None else grad_out * x
+        if grad_out is not None and grad_gate is not None:
+            total_grad_gate = total_grad_gate.add_(grad_gate)
+        if total_grad_gate is None:
+            return None, None, None, None
+        grad_x, grad_half_p, grad_q = _product_gate_grads(total_grad_gate, gate, *saved, ctx.dim)
+        if grad_out is not None:
+            grad_x.add_(grad_out).addcmul_(grad_out, gate)
+        return grad_x, grad_half_p, grad_q, None
 
 
 class MixtureDensityAdaptiveAttention(nn.Module):
-    """Multi-head mixture of Gaussians over the norm axis (paper Algorithm 2). Returns `x * mix`, no skip.
+    """Multi-head mixture of Gaussians over the norm axis (paper Algorithm 2). Returns `x * mix`, or with
+    `skip=True` `x + x * mix` (the VQ-VAE's `h + MixtureDAAM(h)`), fused into one pass where it can be.
 
     Per head h (a contiguous chunk of `norm_axis`), with mu and the unbiased variance var taken over the
     head's positions and G Gaussians with learnable scalars `mean_offset[h, i]` (init 0) and `c[h, i]`
@@ -90,7 +127,7 @@ class MixtureDensityAdaptiveAttention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_gaussians: int, norm_axis: int = 1, init_c: float = 2.0,
-                 combine: str = "product"):
+                 combine: str = "product", skip: bool = False):
         super().__init__()
         if num_heads < 1 or num_gaussians < 1:
             raise ValueError(f"num_heads and num_gaussians must be >= 1, got {num_heads} and {num_gaussians}")
@@ -99,7 +136,7 @@ class MixtureDensityAdaptiveAttention(nn.Module):
         if init_c == 0:
             raise ValueError("init_c must be non-zero")
         self.num_heads, self.num_gaussians = num_heads, num_gaussians
-        self.norm_axis, self.combine = norm_axis, combine
+        self.norm_axis, self.combine, self.skip = norm_axis, combine, skip
         self.mean_offset = nn.Parameter(torch.zeros(num_heads, num_gaussians))
         self.c = nn.Parameter(torch.full((num_heads, num_gaussians), float(init_c)))
         if combine == "sum":
@@ -107,7 +144,7 @@ class MixtureDensityAdaptiveAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_gaussians={self.num_gaussians}, "
-                f"norm_axis={self.norm_axis}, combine={self.combine!r}")
+                f"norm_axis={self.norm_axis}, combine={self.combine!r}, skip={self.skip}")
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, return_gate: bool = False):
         axis = normalize_axis(self.norm_axis, x.dim(), "norm_axis")
@@ -123,6 +160,13 @@ class MixtureDensityAdaptiveAttention(nn.Module):
         if self.combine == "product":
             inv_var_sum = (1.0 / c_sq).sum(-1)  # P per head
             offset_sum = (offsets / c_sq).sum(-1)  # Q per head
+            if self.skip and mask is None and x.dtype == dtype and x.shape[axis] % self.num_heads == 0:
+                grouped = x.unflatten(axis, (self.num_heads, -1))  # the fused skip form, all heads at once
+                half_p = head_view(0.5 * inv_var_sum, grouped.dim(), axis)
+                q = head_view(offset_sum, grouped.dim(), axis)
+                out, gate = (restore(t.flatten(axis, stat_axis))
+                             for t in _ProductMixtureSkip.apply(grouped, half_p, q, stat_axis))
+                return (out, gate) if return_gate else out
 
         def gate_fn(xg: Tensor, mg: Optional[Tensor], heads: slice) -> Tensor:
             xg = xg.to(dtype)
@@ -148,6 +192,8 @@ class MixtureDensityAdaptiveAttention(nn.Module):
 
         gate = apply_per_head(x, mask, axis, self.num_heads, gate_fn)
         out, gate = finish_gate(x, gate, mask)
+        if self.skip:  # padded positions stay x
+            out = out + x if mask is None else torch.where(mask, out + x, x)
         return (restore(out), restore(gate)) if return_gate else restore(out)
 
     def _sum_logits(self, z: Tensor, inv_sigma: Tensor, c_sq: Tensor, offsets: Tensor, heads: slice,

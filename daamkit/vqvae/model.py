@@ -39,8 +39,8 @@ def _in_layout_of(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _mixture(config: VQVAEConfig) -> MixtureDensityAdaptiveAttention:
-    return MixtureDensityAdaptiveAttention(config.heads, config.gaussians, norm_axis=1, init_c=config.init_c)
+def _mixture(config: VQVAEConfig, skip: bool = False) -> MixtureDensityAdaptiveAttention:
+    return MixtureDensityAdaptiveAttention(config.heads, config.gaussians, norm_axis=1, init_c=config.init_c, skip=skip)
 
 
 class GatedDAAM(nn.Module):
@@ -74,18 +74,15 @@ class DAAMResidualBlock(nn.Module):
         self.norm = _group_norm(channels)
         self.act = nn.ReLU()
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.form = form
         self.attention: nn.Module | None = None
-        if form == "daam":
-            self.attention = _mixture(config)
+        if form == "daam":  # h + MixtureDAAM(h), fused
+            self.attention = _mixture(config, skip=True)
         elif form == "gated":
             self.attention = GatedDAAM(channels, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv2(self.act(self.norm(self.conv1(x))))
-        if self.form == "daam":
-            h = h + self.attention(h)
-        elif self.form == "gated":
+        if self.attention is not None:
             h = self.attention(h)
         return x + h
 
