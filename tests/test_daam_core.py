@@ -283,6 +283,7 @@ def test_density_block_is_residual_stack():
 @pytest.mark.parametrize("factory", [
     lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1),
     lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1, combine="sum"),
+    lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1, skip=True),  # the fused skip form
     lambda: DensityAdaptiveAttention(4, 6, norm_axis=1, feature_axis=-1),
     lambda: DensityBlock(2, 4, 3, norm_axis=1),
 ])
