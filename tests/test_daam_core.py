@@ -182,9 +182,10 @@ def test_skip_form_is_x_plus_the_mixture_output_with_exact_gradients(heads, mask
     lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1),  # hand-written backward
     lambda: MixtureDensityAdaptiveAttention(3, 2, norm_axis=1),  # uneven 2 + 2 + 4
     lambda: MixtureDensityAdaptiveAttention(2, 3, norm_axis=1, combine="sum"),
+    lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1, skip=True),  # the fused skip form
     lambda: DensityAdaptiveAttention(2, 3, norm_axis=1, feature_axis=-1),  # hand-written backward
     lambda: DensityAdaptiveAttention(2, 5, norm_axis=1, feature_axis=2),
-], ids=["mixture", "mixture-uneven", "mixture-sum", "daam", "daam-feature-h"])
+], ids=["mixture", "mixture-uneven", "mixture-sum", "mixture-skip", "daam", "daam-feature-h"])
 def test_channels_last_input_gives_same_output_and_gradients(build, native, monkeypatch):
     """Channels-last NCHW input (float64): same output, gate and gradients as contiguous input, in both the
     no-copy view (the norm axis moved last) and the contiguous copy, with the output kept channels-last on
