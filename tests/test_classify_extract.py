@@ -354,12 +354,15 @@ def test_cli_extract_and_refusing_mixed_encoders(tmp_path, agnews_dir, tiny_llam
 
 @pytest.mark.parametrize("task, fixture, model", [("audio-folder", "audio_folder_dir", "tiny_wavlm"),
                                                   ("image-folder", "image_folder_dir", "tiny_beit")])
-def test_extract_generic_folders(request, tmp_path, task, fixture, model):
+def test_extract_generic_folders(request, tmp_path, task, fixture, model, monkeypatch):
     data_dir = request.getfixturevalue(fixture)
+    calls = []  # an encoder on the CPU keeps freed memory for reuse, as `vqvae train` does
+    monkeypatch.setattr("daamkit.classify.extract.reuse_freed_memory", lambda: calls.append(True))
     summary = extract_features(task, data_dir, str(request.getfixturevalue(model)), tmp_path / "f", device="cpu")
     cache = FeatureCache.open(tmp_path / "f")
     assert cache.split("test").items[0]["id"].startswith("test/") and summary["splits"]["test"]["computed"] == 2
     assert cache.split("train").features.shape[1:] == (2, 32) and cache.manifest["grouping"] is None
+    assert calls == [True]
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from typing import Any
 from daamkit.classify.datasets import DatasetSplit, TaskData, check_task, in_cache_order, load_task
 from daamkit.classify.encoders import FrozenEncoder, Prepared
 from daamkit.classify.feature_cache import FeatureCache, FeatureCacheWriter, identity_mismatch, read_manifest
+from daamkit.infra.cpu_memory import reuse_freed_memory
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.file_lock import exclusive
 from daamkit.infra.output_paths import output_folder
@@ -64,6 +65,8 @@ def extract_features(
                 encoder, include_embeddings=include_embeddings, dtype=dtype, device=processes.device(device),
                 device_map=device_map, trust_remote_code=trust_remote_code,
             )
+        if encoder.device.type == "cpu" and not encoder.device_map:  # the encoder's temporaries, reused
+            reuse_freed_memory()
         return _extract(task, data_dir, encoder, out_dir, batch_size, max_items, processes)
 
 

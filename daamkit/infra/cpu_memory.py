@@ -5,8 +5,8 @@ next tensor of that size is paged in again: one page fault per 4 KiB, every step
 allocates and frees the same large temporaries every step, so this is a real cost, and the larger the more
 temporaries a model makes (Mixture-DAAM's gate makes several per block). Raising glibc's mmap threshold to
 its maximum and the trim threshold to 1 GiB keeps those blocks in the heap for the next step (measured:
-`benchmarks/bench_vqvae.py --glibc-defaults` against the default). GPU tensors are unaffected (PyTorch's
-caching allocator already reuses device memory).
+`benchmarks/bench_vqvae.py --glibc-defaults` against the default). `vqvae train` and `classify extract`
+apply it on the CPU; GPU tensors are unaffected (PyTorch's caching allocator already reuses device memory).
 """
 
 from __future__ import annotations
