@@ -267,13 +267,16 @@ def test_density_block_is_residual_stack():
     block = DensityBlock(num_layers=2, num_heads=4, num_gaussians=3, norm_axis=1)
     for layer in block.layers:
         _randomise(layer)
+    plain = [MixtureDensityAdaptiveAttention(4, 3, norm_axis=1) for _ in block.layers]  # the same, without skip
+    for reference, layer in zip(plain, block.layers):
+        reference.load_state_dict(layer.state_dict())
     x = torch.randn(2, 8, 5)
     expected = x
-    for layer in block.layers:
+    for layer in plain:
         expected = layer(expected) + expected
     out, gate = block(x, return_gate=True)
     torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(gate, block.layers[-1](block.layers[0](x) + x, return_gate=True)[1])
+    torch.testing.assert_close(gate, plain[-1](plain[0](x) + x, return_gate=True)[1])
 
     mask = torch.ones(2, 8, 1, dtype=torch.bool)
     mask[1, 6:] = False

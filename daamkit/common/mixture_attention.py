@@ -91,7 +91,7 @@ class _ProductMixtureSkip(torch.autograd.Function):
         x, gate, *saved = ctx.saved_tensors
         total_grad_gate = grad_gate if grad_out is None else grad_out * x
         if grad_out is not None and grad_gate is not None:
-            total_grad_gate = total_grad_gate.add_(grad_gate)
+            total_grad_gate.add_(grad_gate)
         if total_grad_gate is None:
             return None, None, None, None
         grad_x, grad_half_p, grad_q = _product_gate_grads(total_grad_gate, gate, *saved, ctx.dim)
@@ -209,7 +209,8 @@ class MixtureDensityAdaptiveAttention(nn.Module):
 
 
 class DensityBlock(nn.Module):
-    """`num_layers` Mixture-DAAM layers, each inside a skip connection: x = layer(x) + x.
+    """`num_layers` Mixture-DAAM layers, each inside a skip connection: x = layer(x) + x (the layers' own
+    `skip=True` form, fused where it can be).
 
     With a mask, padded positions are left unchanged by every layer (no doubling through the skip).
     `return_gate=True` also returns the last layer's mixture map.
@@ -221,14 +222,12 @@ class DensityBlock(nn.Module):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.layers = nn.ModuleList(
-            MixtureDensityAdaptiveAttention(num_heads, num_gaussians, norm_axis, init_c, combine)
+            MixtureDensityAdaptiveAttention(num_heads, num_gaussians, norm_axis, init_c, combine, skip=True)
             for _ in range(num_layers)
         )
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, return_gate: bool = False):
-        full_mask = prepare_mask(mask, x)
         gate = None
         for layer in self.layers:
-            attended, gate = layer(x, mask=full_mask, return_gate=True)
-            x = attended + x if full_mask is None else torch.where(full_mask, attended + x, x)
+            x, gate = layer(x, mask=mask, return_gate=True)
         return (x, gate) if return_gate else x
