@@ -19,6 +19,7 @@ from daamkit.classify.decoders import (
     grid_shape,
     layer_mix_shares,
 )
+from daamkit.common import GroupedQueryAttention
 from daamkit.infra.errors import DaamkitError
 
 N, D, C = 8, 32, 3
@@ -207,8 +208,28 @@ def test_residual_adds_the_input_to_the_self_attention_output(name):
         assert torch.allclose(model.attention(x)[0], plain.attention.module[1](x + attended), atol=1e-5)
     else:
         assert torch.allclose(model.attention(x)[0], x + attended, atol=1e-6)
-    with pytest.raises(DaamkitError, match="decoder gqa has no residual path .only mha, mha-bn.; leave `residual` unset"):
-        decoder_config("gqa", N, D, C, heads=4, residual=True)
+    with pytest.raises(DaamkitError, match="decoder daam-v1 has no residual path .only mha, mha-bn, gqa, gqdaam.; "
+                                           "leave `residual` unset"):
+        decoder_config("daam-v1", N, D, C, heads=2, residual=True)
+
+
+@pytest.mark.parametrize("name", ["gqa", "gqdaam"])
+def test_grouped_query_residual_projects_back_to_the_input_width_and_adds_the_input(name):
+    """gqa: x + attention(x); gqdaam: gated + attention(proj(gated)); the head then reads d features per layer."""
+    torch.manual_seed(0)
+    model = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="mix", residual=True)).eval()
+    module, x = model.attention.module, torch.randn(5, N, D)
+    assert model.attention.out_features == D and model.head[-1].in_features == D
+    if name == "gqa":
+        expected = x + GroupedQueryAttention.forward(module, x)
+    else:
+        gated = module.daam(x)
+        expected = gated + module.attention(module.proj(gated))
+    out, _ = model.attention(x)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, expected - x)  # the attention output alone is not what the head reads
+    torch.nn.functional.cross_entropy(model.train()(x), torch.tensor([0, 1, 2, 0, 1])).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 def test_a_decoder_config_saved_before_heads_existed_builds_the_conv_head():

@@ -70,6 +70,16 @@ def test_gqdaam_shapes_and_parameter_count():
     assert sum(p.numel() for p in module.parameters()) == daam + proj + gqa
 
 
+def test_gqdaam_residual_adds_the_gated_input_at_its_width():
+    torch.manual_seed(0)
+    module = GQDAAM(num_features=48, num_heads=4, residual=True)
+    x = torch.randn(2, 8, 48)
+    out, gate = module(x, return_gate=True)
+    gated = x * gate
+    torch.testing.assert_close(out, gated + module.attention(module.proj(gated)))
+    assert module.out_features == 48 and module.attention.out_proj.out_features == 48
+
+
 def test_running_mean_equals_full_mean_over_uneven_batches():
     torch.manual_seed(2)
     gates = torch.rand(23, 4, 6)

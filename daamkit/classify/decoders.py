@@ -12,10 +12,12 @@ batch by mistake). Heads (`HEADS`):
 - `mix`: a learned weighted sum of the attention output over the layers (as SUPERB's weighted sum of
   layers; `LayerMix`), then one Linear layer on that one `[B, w]` vector. The classifier has the linear
   probe's size whatever the layer count, and the layer weights say which layers the decoder reads.
-`residual` adds the input to the self-attention output of `mha` and `mha-bn` (`x + attention(x)`, before
-mha-bn's BatchNorm), as every transformer block does and the paper's decoders do not: the decoder then
-starts from the encoder's own features, and on a user's few hundred items the 4 d^2 projection weights only
-have to learn a correction. Everything outside the attention module is Xavier-initialised. `dropout` (0 in
+`residual` adds the input to the self-attention output of `mha`, `mha-bn`, `gqa` and `gqdaam` (`x +
+attention(x)`, before mha-bn's BatchNorm; gqa/gqdaam then project the heads back to the input width, and
+gqdaam adds its DAAM-gated input), as every transformer block does and the paper's decoders do not: the
+decoder then starts from the encoder's own features, and on a user's few hundred items the projection
+weights only have to learn a correction. Without it gqa/gqdaam see each layer only through their two
+64-wide key/value heads. Everything outside the attention module is Xavier-initialised. `dropout` (0 in
 the paper) drops the classifier's inputs while training: on a user's few hundred items the head otherwise
 memorises the training set within a few epochs.
 """
@@ -112,10 +114,24 @@ def _mha_bn(config: DecoderConfig) -> tuple[nn.Module, int]:
     return nn.Sequential(attention, nn.BatchNorm1d(config.num_layers)), config.hidden_size
 
 
+class _ResidualGQA(GroupedQueryAttention):
+    """Grouped-query self-attention projected back to the input width, plus its input: `x + attention(x)`."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__(width, num_query_heads=heads, num_kv_heads=GQA_KV_HEADS, head_dim=GQA_HEAD_DIM,
+                         out_features=width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + super().forward(x)
+
+
 def _gqa(config: DecoderConfig) -> tuple[nn.Module, int]:
-    module = GroupedQueryAttention(config.hidden_size, num_query_heads=config.heads, num_kv_heads=GQA_KV_HEADS,
-                                   head_dim=GQA_HEAD_DIM)
-    return module, config.heads * GQA_HEAD_DIM
+    if config.residual:
+        module = _ResidualGQA(config.hidden_size, config.heads)
+    else:
+        module = GroupedQueryAttention(config.hidden_size, num_query_heads=config.heads, num_kv_heads=GQA_KV_HEADS,
+                                       head_dim=GQA_HEAD_DIM)
+    return module, module.out_features
 
 
 def _daam(config: DecoderConfig) -> tuple[nn.Module, int]:
@@ -125,8 +141,8 @@ def _daam(config: DecoderConfig) -> tuple[nn.Module, int]:
 
 def _gqdaam(config: DecoderConfig) -> tuple[nn.Module, int]:
     module = GQDAAM(config.hidden_size, num_heads=config.heads, num_query_heads=GQDAAM_QUERY_HEADS,
-                    num_kv_heads=GQA_KV_HEADS, head_dim=GQA_HEAD_DIM)
-    return module, GQDAAM_QUERY_HEADS * GQA_HEAD_DIM
+                    num_kv_heads=GQA_KV_HEADS, head_dim=GQA_HEAD_DIM, residual=config.residual)
+    return module, module.out_features
 
 
 def _mixture(config: DecoderConfig) -> tuple[nn.Module, int]:
@@ -164,10 +180,10 @@ REGISTRY: dict[str, DecoderSpec] = {
     "conv-head": DecoderSpec(_no_attention, None, table_row=False),
     "mha": DecoderSpec(_mha, 8, heads_problem=_heads_divide_width, residual=True),
     "mha-bn": DecoderSpec(_mha_bn, 8, heads_problem=_heads_divide_width, residual=True),
-    "gqa": DecoderSpec(_gqa, 8, heads_problem=_heads_fill_kv_groups),
+    "gqa": DecoderSpec(_gqa, 8, heads_problem=_heads_fill_kv_groups, residual=True),
     "daam-v1": DecoderSpec(_daam, 8, density=True),
     "daam-v2": DecoderSpec(_daam, 1, density=True),
-    "gqdaam": DecoderSpec(_gqdaam, 8, density=True),
+    "gqdaam": DecoderSpec(_gqdaam, 8, density=True, residual=True),
     "mixture": DecoderSpec(_mixture, 8, density=True),
 }
 DECODERS = tuple(REGISTRY)

@@ -45,7 +45,11 @@ USER_HEAD = "mix"
 # The residual path of mha / mha-bn on a user's task (the paper's tasks: none, as the paper's decoders). With
 # the mix head on the README's five Debian text sets (3 seeds each) it moved mha's gap to the linear probe
 # from -0.56 / +1.17 / -1.79 / -0.97 / +0.63 points to +0.44 / +1.33 / -0.12 / -0.69 / -0.42, and mha-bn's
-# from -1.67 / +1.17 / -4.64 / -0.14 / +0.00 to -0.11 / +2.00 / -1.90 / -0.56 / +0.63.
+# from -1.67 / +1.17 / -4.64 / -0.14 / +0.00 to -0.11 / +2.00 / -1.90 / -0.56 / +0.63. For gqa and gqdaam
+# (whose output otherwise carries each layer only through 2 x 64 key/value values) it moved the 6-seed gaps
+# on debian6 / debian7 / lang6 from -0.67 / -2.38 / -0.69 (gqa) and -0.50 / -2.26 / -1.81 (gqdaam) to
+# -0.72 / -1.37 / -1.46 and -0.83 / -1.31 / -1.81 (3 seeds on debian5 / desk4: gqa +0.67 / -0.83 to
+# +0.50 / +0.00, gqdaam -0.33 / -0.21 to +0.50 / +1.67).
 USER_RESIDUAL = True
 # `runs` on a user's train/test task whose training pool is below SMALL_POOL_ITEMS items (the paper's
 # smallest set has 5k): one run's test accuracy there moves with its seed (dev split and initialisation) by
@@ -117,7 +121,8 @@ def resolve_head(head: Optional[str], manifest: dict) -> str:
 
 
 def resolve_residual(residual: Optional[bool], manifest: dict, decoder_has_one: bool) -> bool:
-    """The residual path of mha/mha-bn; None is on for them on a user's task (see USER_RESIDUAL), off on the paper's."""
+    """The residual path of a decoder that has one (mha, mha-bn, gqa, gqdaam); None is on for them on a user's
+    task (see USER_RESIDUAL), off on the paper's."""
     return bool(_task_default(residual, manifest, paper=False, user=USER_RESIDUAL and decoder_has_one))
 
 
