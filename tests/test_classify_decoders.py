@@ -208,9 +208,26 @@ def test_residual_adds_the_input_to_the_self_attention_output(name):
         assert torch.allclose(model.attention(x)[0], plain.attention.module[1](x + attended), atol=1e-5)
     else:
         assert torch.allclose(model.attention(x)[0], x + attended, atol=1e-6)
-    with pytest.raises(DaamkitError, match="decoder daam-v1 has no residual path .only mha, mha-bn, gqa, gqdaam.; "
-                                           "leave `residual` unset"):
-        decoder_config("daam-v1", N, D, C, heads=2, residual=True)
+    with pytest.raises(DaamkitError, match="decoder mixture has no residual path .only mha, mha-bn, gqa, daam-v1, "
+                                           "daam-v2, gqdaam.; leave `residual` unset"):
+        decoder_config("mixture", N, D, C, heads=2, residual=True)
+
+
+@pytest.mark.parametrize("name", ["daam-v1", "daam-v2"])
+def test_daam_residual_is_the_skip_form_of_the_same_gate(name):
+    """residual=True: x + x * gate, with the same parameters and the same gate (Importance Factor unchanged)."""
+    torch.manual_seed(0)
+    plain = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="mix")).eval()
+    model = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="mix", residual=True)).eval()
+    with torch.no_grad():
+        plain.attention.module.mean_offset.normal_()
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(5, N, D)
+    gated, gate = plain.attention(x, return_gate=True)
+    out, skip_gate = model.attention(x, return_gate=True)
+    torch.testing.assert_close(out, x + gated)
+    torch.testing.assert_close(skip_gate, gate)
+    assert gate.min() < 0.9  # the gate does something, so the two forms differ
 
 
 @pytest.mark.parametrize("name", ["gqa", "gqdaam"])

@@ -42,7 +42,7 @@ def test_defaults_live_in_the_dataclass_and_the_cli_uses_them():
     (DecoderRunConfig, {"head": "mlp"}, "`head` must be one of conv, linear, mix, got 'mlp'"),
     (DecoderRunConfig, {"selection": "best"}, "`selection` must be one of best-epoch, last-epoch, got 'best'"),
     (DecoderRunConfig, {"residual": "yes"}, "`residual` must be true or false, got 'yes'"),
-    (DecoderRunConfig, {"decoder": "daam-v1", "residual": True}, "decoder daam-v1 has no residual path"),
+    (DecoderRunConfig, {"decoder": "mixture", "residual": True}, "decoder mixture has no residual path"),
     (LoRARunConfig, {"lr": "auto"}, "`lr` auto is for decoder runs"),
     (LoRARunConfig, {"plus": True, "loraplus_ratio": 0.5}, "`loraplus_ratio` must be at least 1"),
     (DecoderRunConfig, {"bogus": 1}, "unknown key"),

@@ -328,8 +328,9 @@ def test_dat_decoder_head_default_depends_on_the_task(tmp_path, task, options, e
 
 @pytest.mark.parametrize(("task", "decoder", "options", "expected", "method"), [
     ("text-csv", "mha", {}, True, "mha"),  # a user's task: mha starts from the encoder's features
-    ("text-csv", "gqdaam", {}, True, "gqdaam"),  # and so do gqa and gqdaam
-    ("text-csv", "daam-v1", {}, False, "daam-v1"),  # no residual path to take
+    ("text-csv", "gqdaam", {}, True, "gqdaam"),  # and so do gqa, gqdaam, daam-v1 and daam-v2
+    ("text-csv", "daam-v1", {}, True, "daam-v1"),
+    ("text-csv", "mixture", {}, False, "mixture"),  # no residual option: its DensityBlock always has skips
     ("agnews", "mha", {}, False, "mha"),  # the paper's tasks keep the paper's decoder
     ("text-csv", "mha-bn", {"residual": False}, False, "mha-bn [no residual]"),
     ("agnews", "mha", {"residual": True}, True, "mha [residual]"),

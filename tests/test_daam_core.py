@@ -177,6 +177,30 @@ def test_skip_form_is_x_plus_the_mixture_output_with_exact_gradients(heads, mask
             skip, dict(zip(names, p)), (i,), {"mask": m, "return_gate": return_gate}), (x64, *values))
 
 
+@pytest.mark.parametrize("heads, masked", [(3, False), (2, True)], ids=["plain", "masked"])
+def test_daam_skip_form_is_x_plus_the_gated_input_with_exact_gradients(heads, masked):
+    """DensityAdaptiveAttention(skip=True) gives x + x * gate with the same gate (padded positions stay x, not
+    2x); float64 gradcheck against autograd, with and without the gate as a second output."""
+    torch.manual_seed(9)
+    mask = (torch.rand(2, 6, 1) > 0.3) if masked else None
+    plain = _randomise(DensityAdaptiveAttention(heads, 4, norm_axis=1, feature_axis=-1)).double()
+    skip = DensityAdaptiveAttention(heads, 4, norm_axis=1, feature_axis=-1, skip=True).double()
+    skip.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    out, gate = skip(x, mask=mask, return_gate=True)
+    plain_out, plain_gate = plain(x, mask=mask, return_gate=True)
+    expected = plain_out + x if mask is None else torch.where(mask, plain_out + x, x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(gate, plain_gate)
+    if masked:
+        assert torch.equal(out[~mask.expand_as(x)], x[~mask.expand_as(x)])
+    names = [name for name, _ in skip.named_parameters()]
+    values = [p.detach().clone().requires_grad_() for p in skip.parameters()]
+    for return_gate in (False, True):
+        assert torch.autograd.gradcheck(lambda i, *p: torch.func.functional_call(
+            skip, dict(zip(names, p)), (i,), {"mask": mask, "return_gate": return_gate}), (x, *values))
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native-view", "contiguous-copy"])
 @pytest.mark.parametrize("build", [
     lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1),  # hand-written backward
@@ -289,6 +313,7 @@ def test_density_block_is_residual_stack():
     lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1, combine="sum"),
     lambda: MixtureDensityAdaptiveAttention(4, 3, norm_axis=1, skip=True),  # the fused skip form
     lambda: DensityAdaptiveAttention(4, 6, norm_axis=1, feature_axis=-1),
+    lambda: DensityAdaptiveAttention(4, 6, norm_axis=1, feature_axis=-1, skip=True),
     lambda: DensityBlock(2, 4, 3, norm_axis=1),
 ])
 def test_traces_without_graph_breaks(factory):

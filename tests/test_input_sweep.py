@@ -82,8 +82,8 @@ SWEEP = [
      "--head must be one of conv, linear, mix, got 'mlp'"),
     (["classify", "train", "--features", "{root}/cache", "--decoder", "linear", "--head", "conv", "--out", "{root}/new"],
      "decoder linear is one Linear layer and has no conv head; leave --head unset"),
-    (["classify", "train", "--features", "{root}/cache", "--decoder", "daam-v2", "--residual", "--out", "{root}/new"],
-     "decoder daam-v2 has no residual path; leave --residual unset"),
+    (["classify", "train", "--features", "{root}/cache", "--decoder", "mixture", "--residual", "--out", "{root}/new"],
+     "decoder mixture has no residual path; leave --residual unset"),
     (["vqvae", "reconstruct", CKPT], "Missing argument"),
     # --config values of the wrong type or kind
     (["vqvae", "train", "--config", "{root}/data5.toml", "--out", "{root}/new"], "--data must be a string, got 5"),

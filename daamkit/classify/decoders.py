@@ -12,12 +12,14 @@ batch by mistake). Heads (`HEADS`):
 - `mix`: a learned weighted sum of the attention output over the layers (as SUPERB's weighted sum of
   layers; `LayerMix`), then one Linear layer on that one `[B, w]` vector. The classifier has the linear
   probe's size whatever the layer count, and the layer weights say which layers the decoder reads.
-`residual` adds the input to the self-attention output of `mha`, `mha-bn`, `gqa` and `gqdaam` (`x +
-attention(x)`, before mha-bn's BatchNorm; gqa/gqdaam then project the heads back to the input width, and
-gqdaam adds its DAAM-gated input), as every transformer block does and the paper's decoders do not: the
+`residual` adds the input to the attention output of `mha`, `mha-bn`, `gqa`, `gqdaam`, `daam-v1` and
+`daam-v2` (`x + attention(x)`, before mha-bn's BatchNorm; gqa/gqdaam then project the heads back to the
+input width, and gqdaam adds its DAAM-gated input; DAAM's is `x + x * gate`, the skip form the `mixture`
+decoder and the VQ-VAE always use), as every transformer block does and the paper's decoders do not: the
 decoder then starts from the encoder's own features, and on a user's few hundred items the projection
 weights only have to learn a correction. Without it gqa/gqdaam see each layer only through their two
-64-wide key/value heads. Everything outside the attention module is Xavier-initialised. `dropout` (0 in
+64-wide key/value heads, and a DAAM gate that is small where a layer stands out from the others (the
+encoder's last layer, usually the most informative) shrinks that layer's features. Everything outside the attention module is Xavier-initialised. `dropout` (0 in
 the paper) drops the classifier's inputs while training: on a user's few hundred items the head otherwise
 memorises the training set within a few epochs.
 """
@@ -135,8 +137,11 @@ def _gqa(config: DecoderConfig) -> tuple[nn.Module, int]:
 
 
 def _daam(config: DecoderConfig) -> tuple[nn.Module, int]:
-    """daam-v1 / daam-v2: statistics across the layer axis, one (mean offset, c) pair per feature and head."""
-    return DensityAdaptiveAttention(config.heads, config.hidden_size, norm_axis=1, feature_axis=-1), config.hidden_size
+    """daam-v1 / daam-v2: statistics across the layer axis, one (mean offset, c) pair per feature and head;
+    with `residual`, the skip form x + x * gate."""
+    module = DensityAdaptiveAttention(config.heads, config.hidden_size, norm_axis=1, feature_axis=-1,
+                                      skip=config.residual)
+    return module, config.hidden_size
 
 
 def _gqdaam(config: DecoderConfig) -> tuple[nn.Module, int]:
@@ -181,8 +186,8 @@ REGISTRY: dict[str, DecoderSpec] = {
     "mha": DecoderSpec(_mha, 8, heads_problem=_heads_divide_width, residual=True),
     "mha-bn": DecoderSpec(_mha_bn, 8, heads_problem=_heads_divide_width, residual=True),
     "gqa": DecoderSpec(_gqa, 8, heads_problem=_heads_fill_kv_groups, residual=True),
-    "daam-v1": DecoderSpec(_daam, 8, density=True),
-    "daam-v2": DecoderSpec(_daam, 1, density=True),
+    "daam-v1": DecoderSpec(_daam, 8, density=True, residual=True),
+    "daam-v2": DecoderSpec(_daam, 1, density=True, residual=True),
     "gqdaam": DecoderSpec(_gqdaam, 8, density=True, residual=True),
     "mixture": DecoderSpec(_mixture, 8, density=True),
 }

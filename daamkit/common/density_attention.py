@@ -67,12 +67,16 @@ class DensityAdaptiveAttention(nn.Module):
         mu   = mean(x_h, norm_axis);   var = |mean(x_h^2, norm_axis) - mu^2| + 1e-8
         z    = (x_h - (mu + mean_offset[h])) / sqrt(var + 1e-5)
         gate = exp(-z^2 / (2 * c[h]))          # c, not c^2: Algorithm 1 and the authors' code
-        out  = x_h * gate
+        out  = x_h * gate                      # skip=True: x_h + x_h * gate
 
     `mean_offset` (init 0) and `c` (init `init_c`) have shape `(num_heads, num_features)` and vary along
     `feature_axis` (for DAT input `[B, N_layers, d]`: norm_axis=1, feature_axis=-1, so 8 heads x 1024 =
     16,384 parameters). `c` is clamped to >= 1e-4 in the forward pass so the gate is always a Gaussian.
     Statistics are computed in float32 (float64 for float64 input) even under autocast.
+
+    `skip=True` returns the residual form `x + x * gate` (the DAT decoders' `residual`): every value keeps
+    at least itself, so a gate that is small where a layer stands out from the others scales that layer's
+    features by 1 to 2 instead of wiping them out.
 
     `mask` (bool, broadcastable to x, True = valid) gives exact statistics over valid positions only;
     padded positions are returned unchanged and get gate 1.
@@ -83,20 +87,20 @@ class DensityAdaptiveAttention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_features: int, norm_axis: int = 1, feature_axis: int = -1,
-                 init_c: float = 2.0):
+                 init_c: float = 2.0, skip: bool = False):
         super().__init__()
         if num_heads < 1 or num_features < 1:
             raise ValueError(f"num_heads and num_features must be >= 1, got {num_heads} and {num_features}")
         if init_c <= 0:
             raise ValueError(f"init_c must be positive, got {init_c}")
         self.num_heads, self.num_features = num_heads, num_features
-        self.norm_axis, self.feature_axis = norm_axis, feature_axis
+        self.norm_axis, self.feature_axis, self.skip = norm_axis, feature_axis, skip
         self.mean_offset = nn.Parameter(torch.zeros(num_heads, num_features))
         self.c = nn.Parameter(torch.full((num_heads, num_features), float(init_c)))
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_features={self.num_features}, "
-                f"norm_axis={self.norm_axis}, feature_axis={self.feature_axis}")
+                f"norm_axis={self.norm_axis}, feature_axis={self.feature_axis}, skip={self.skip}")
 
     def _axes(self, x: Tensor) -> tuple[int, int]:
         axis = normalize_axis(self.norm_axis, x.dim(), "norm_axis")
@@ -135,5 +139,5 @@ class DensityAdaptiveAttention(nn.Module):
             return torch.exp(z * z * neg_half_inv_c)
 
         gate = apply_per_head(x, mask, axis, self.num_heads, gate_fn)
-        out, gate = finish_gate(x, gate, mask)
+        out, gate = finish_gate(x, gate, mask, self.skip)
         return (restore(out), restore(gate)) if return_gate else restore(out)

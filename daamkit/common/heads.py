@@ -128,8 +128,13 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def finish_gate(x: Tensor, gate: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Apply `gate` to x in the statistics dtype and let padded positions pass through unchanged (gate 1)."""
+def finish_gate(x: Tensor, gate: Tensor, mask: Optional[Tensor], skip: bool = False) -> tuple[Tensor, Tensor]:
+    """Apply `gate` to x in the statistics dtype, `x * gate` (with `skip`, `x + x * gate`), and let padded
+    positions pass through unchanged (gate 1, output x)."""
     if mask is not None:
         gate = torch.where(mask, gate, torch.ones_like(gate))
-    return (x.to(gate.dtype) * gate).to(x.dtype), gate
+    wide = x.to(gate.dtype)
+    out = wide * gate
+    if skip:
+        out = out + wide if mask is None else torch.where(mask, out + wide, wide)
+    return out.to(x.dtype), gate

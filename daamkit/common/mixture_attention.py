@@ -191,9 +191,7 @@ class MixtureDensityAdaptiveAttention(nn.Module):
             return torch.softmax(logits, dim=stat_axis)
 
         gate = apply_per_head(x, mask, axis, self.num_heads, gate_fn)
-        out, gate = finish_gate(x, gate, mask)
-        if self.skip:  # padded positions stay x
-            out = out + x if mask is None else torch.where(mask, out + x, x)
+        out, gate = finish_gate(x, gate, mask, self.skip)
         return (restore(out), restore(gate)) if return_gate else restore(out)
 
     def _sum_logits(self, z: Tensor, inv_sigma: Tensor, c_sq: Tensor, offsets: Tensor, heads: slice,
