@@ -194,20 +194,36 @@ def test_mix_head_learns_to_weight_the_informative_layer(seed):
     assert layer_mix_shares(_decoder("daam-v1")) is None
 
 
-@pytest.mark.parametrize("name", ["mha", "mha-bn"])
-def test_residual_adds_the_input_to_the_self_attention_output(name):
-    """residual=True: x + attention(x) (before mha-bn's BatchNorm), with no extra parameters."""
+def test_residual_adds_the_input_to_the_self_attention_output():
+    """mha, residual=True: x + attention(x), with no extra parameters."""
     torch.manual_seed(0)
-    plain = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="mix")).eval()
-    model = build_decoder(decoder_config(name, N, D, C, heads=HEADS[name], head="mix", residual=True)).eval()
+    plain = build_decoder(decoder_config("mha", N, D, C, heads=HEADS["mha"], head="mix")).eval()
+    model = build_decoder(decoder_config("mha", N, D, C, heads=HEADS["mha"], head="mix", residual=True)).eval()
     model.load_state_dict(plain.state_dict())  # the same parameters
     x = torch.randn(5, N, D)
-    attention = plain.attention.module if name == "mha" else plain.attention.module[0]
-    attended = attention(x)
-    if name == "mha-bn":
-        assert torch.allclose(model.attention(x)[0], plain.attention.module[1](x + attended), atol=1e-5)
-    else:
-        assert torch.allclose(model.attention(x)[0], x + attended, atol=1e-6)
+    assert torch.allclose(model.attention(x)[0], x + plain.attention.module(x), atol=1e-6)
+
+
+def test_mha_bn_residual_normalises_the_attention_input_and_saved_runs_keep_their_form():
+    """New runs: x + attention(BatchNorm(x)) (`norm_first`); a run saved before `norm_first` existed
+    rebuilds as trained, BatchNorm(x + attention(x)), from the same parameters."""
+    torch.manual_seed(0)
+    config = decoder_config("mha-bn", N, D, C, heads=HEADS["mha-bn"], head="mix", residual=True)
+    assert config.norm_first and not decoder_config("mha-bn", N, D, C, heads=4).norm_first
+    assert not decoder_config("mha", N, D, C, heads=4, residual=True).norm_first
+    model = build_decoder(config).train()
+    x = torch.randn(5, N, D) * 3 + 1
+    stage = model.attention.module
+    normalised = torch.nn.functional.batch_norm(x, None, None, stage.norm.weight, stage.norm.bias, training=True)
+    torch.testing.assert_close(model.attention(x)[0], x + stage.attention(normalised))
+    saved = {key: value for key, value in config.to_dict().items() if key != "norm_first"}  # an older run.json
+    old = build_decoder(DecoderConfig(**saved)).train()
+    old.attention.module[0].load_state_dict(stage.attention.state_dict())
+    expected = torch.nn.functional.batch_norm(x + stage.attention(x), None, None, training=True)
+    torch.testing.assert_close(old.attention(x)[0], expected)
+
+
+def test_a_decoder_without_a_residual_path_refuses_one():
     with pytest.raises(DaamkitError, match="decoder mixture has no residual path .only mha, mha-bn, gqa, daam-v1, "
                                            "daam-v2, gqdaam.; leave `residual` unset"):
         decoder_config("mixture", N, D, C, heads=2, residual=True)

@@ -13,7 +13,7 @@ batch by mistake). Heads (`HEADS`):
   layers; `LayerMix`), then one Linear layer on that one `[B, w]` vector. The classifier has the linear
   probe's size whatever the layer count, and the layer weights say which layers the decoder reads.
 `residual` adds the input to the attention output of `mha`, `mha-bn`, `gqa`, `gqdaam`, `daam-v1` and
-`daam-v2` (`x + attention(x)`, before mha-bn's BatchNorm; gqa/gqdaam then project the heads back to the
+`daam-v2` (`x + attention(x)`; mha-bn's BatchNorm then moves before the attention; gqa/gqdaam then project the heads back to the
 input width, and gqdaam adds its DAAM-gated input; DAAM's is `x + x * gate`, the skip form the `mixture`
 decoder and the VQ-VAE always use), as every transformer block does and the paper's decoders do not: the
 decoder then starts from the encoder's own features, and on a user's few hundred items the projection
@@ -60,7 +60,9 @@ class DecoderConfig:
     """Everything needed to rebuild a decoder (stored in checkpoints and run.json); `heads` is None for linear.
 
     `head` is the DAT decoder's head (see the module docstring); run folders saved before it existed used `conv`
-    (and no `residual`). The linear probe's head is `linear`.
+    (and no `residual`). The linear probe's head is `linear`. `norm_first` (set with `residual` on a decoder
+    with a BatchNorm, mha-bn): `x + attention(BatchNorm(x))`, the input reaching the head unnormalised; run
+    folders saved before it existed normalise after the sum, `BatchNorm(x + attention(x))`, and keep it.
     """
 
     decoder: str
@@ -72,6 +74,7 @@ class DecoderConfig:
     dropout: float = 0.0
     head: str = "conv"
     residual: bool = False
+    norm_first: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,7 +114,23 @@ def _mha(config: DecoderConfig) -> tuple[nn.Module, int]:
     return _SelfAttention(config.hidden_size, config.heads, config.residual), config.hidden_size
 
 
+class _NormFirstSelfAttention(nn.Module):
+    """mha-bn's residual form: `x + attention(BatchNorm(x))`, BatchNorm over the layer axis."""
+
+    def __init__(self, width: int, heads: int, num_layers: int):
+        super().__init__()
+        self.attention = _SelfAttention(width, heads)
+        self.norm = nn.BatchNorm1d(num_layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.attention(self.norm(x))
+
+
 def _mha_bn(config: DecoderConfig) -> tuple[nn.Module, int]:
+    """The paper's attention -> BatchNorm; with `residual`, BatchNorm(x + attention(x)), or with `norm_first`
+    (new runs) x + attention(BatchNorm(x))."""
+    if config.norm_first:
+        return _NormFirstSelfAttention(config.hidden_size, config.heads, config.num_layers), config.hidden_size
     attention = _SelfAttention(config.hidden_size, config.heads, config.residual)
     return nn.Sequential(attention, nn.BatchNorm1d(config.num_layers)), config.hidden_size
 
@@ -163,13 +182,15 @@ class DecoderSpec:
     `paper_heads` is the paper's head count (Table 1), None where heads do not apply. `heads_problem`
     says why a head count does not fit the hidden size (None when it does). `table_row`: a row
     `classify reproduce` trains (the ablation-only `conv-head`, a head without attention, is not). `residual`:
-    the attention stage can take a residual path (`DecoderConfig.residual`).
+    the attention stage can take a residual path (`DecoderConfig.residual`). `batch_norm`: the attention
+    stage has a BatchNorm, which a residual path puts first (`DecoderConfig.norm_first`).
     """
 
     attention: Optional[Callable[[DecoderConfig], tuple[nn.Module, int]]]
     paper_heads: Optional[int]
     density: bool = False
     residual: bool = False
+    batch_norm: bool = False
     heads_problem: Callable[[str, int, int], Optional[str]] = lambda decoder, heads, hidden_size: None
     table_row: bool = True
 
@@ -184,7 +205,7 @@ REGISTRY: dict[str, DecoderSpec] = {
     # A DAT decoder's head alone: what a density decoder over one layer amounts to (DAAM there is the identity).
     "conv-head": DecoderSpec(_no_attention, None, table_row=False),
     "mha": DecoderSpec(_mha, 8, heads_problem=_heads_divide_width, residual=True),
-    "mha-bn": DecoderSpec(_mha_bn, 8, heads_problem=_heads_divide_width, residual=True),
+    "mha-bn": DecoderSpec(_mha_bn, 8, heads_problem=_heads_divide_width, residual=True, batch_norm=True),
     "gqa": DecoderSpec(_gqa, 8, heads_problem=_heads_fill_kv_groups, residual=True),
     "daam-v1": DecoderSpec(_daam, 8, density=True, residual=True),
     "daam-v2": DecoderSpec(_daam, 1, density=True, residual=True),
@@ -282,7 +303,7 @@ def decoder_config(
     if problem:
         raise DaamkitError(problem)
     return DecoderConfig(decoder, num_layers, hidden_size, num_classes, heads, gaussians, dropout, head or "conv",
-                         residual)
+                         residual, norm_first=residual and spec.batch_norm)
 
 
 def grid_shape(width: int) -> tuple[int, int]:
