@@ -13,13 +13,14 @@ batch by mistake). Heads (`HEADS`):
   layers; `LayerMix`), then one Linear layer on that one `[B, w]` vector. The classifier has the linear
   probe's size whatever the layer count, and the layer weights say which layers the decoder reads.
 `residual` adds the input to the attention output of `mha`, `mha-bn`, `gqa`, `gqdaam`, `daam-v1` and
-`daam-v2` (`x + attention(x)`; mha-bn's BatchNorm then moves before the attention; gqa/gqdaam then project the heads back to the
-input width, and gqdaam adds its DAAM-gated input; DAAM's is `x + x * gate`, the skip form the `mixture`
-decoder and the VQ-VAE always use), as every transformer block does and the paper's decoders do not: the
-decoder then starts from the encoder's own features, and on a user's few hundred items the projection
-weights only have to learn a correction. Without it gqa/gqdaam see each layer only through their two
-64-wide key/value heads, and a DAAM gate that is small where a layer stands out from the others (the
-encoder's last layer, usually the most informative) shrinks that layer's features. Everything outside the attention module is Xavier-initialised. `dropout` (0 in
+`daam-v2`, as every transformer block does and the paper's decoders do not: `x + attention(x)` (mha-bn's
+BatchNorm then moves before the attention; gqa/gqdaam project their heads back to the input width, and
+gqdaam adds its DAAM-gated input; for DAAM it is the skip form `x + x * gate`, the one the `mixture`
+decoder and the VQ-VAE always use). The decoder then starts from the encoder's own features, and on a
+user's few hundred items the projection weights only have to learn a correction. Without it gqa/gqdaam
+see each layer only through their two 64-wide key/value heads, and a DAAM gate that is small where a
+layer stands out from the others (often the encoder's last layer, the most informative) shrinks that
+layer's features. Everything outside the attention module is Xavier-initialised. `dropout` (0 in
 the paper) drops the classifier's inputs while training: on a user's few hundred items the head otherwise
 memorises the training set within a few epochs.
 """
@@ -127,8 +128,8 @@ class _NormFirstSelfAttention(nn.Module):
 
 
 def _mha_bn(config: DecoderConfig) -> tuple[nn.Module, int]:
-    """The paper's attention -> BatchNorm; with `residual`, BatchNorm(x + attention(x)), or with `norm_first`
-    (new runs) x + attention(BatchNorm(x))."""
+    """The paper's attention -> BatchNorm; with `residual`, x + attention(BatchNorm(x)) (`norm_first`), or in a
+    run folder saved before `norm_first` existed BatchNorm(x + attention(x))."""
     if config.norm_first:
         return _NormFirstSelfAttention(config.hidden_size, config.heads, config.num_layers), config.hidden_size
     attention = _SelfAttention(config.hidden_size, config.heads, config.residual)

@@ -114,8 +114,9 @@ def train(
         "on all layers) | mix (learned weighted sum of the layers, Linear) [default: mix on your own data; conv on "
         "iemocap/agnews/cifar100]."),
     residual: Optional[bool] = typer.Option(
-        _R("residual"), "--residual/--no-residual", help="Add the input to the attention output of mha, mha-bn, gqa "
-        "and gqdaam [default: on for them on your own data; off, as in the paper, on iemocap/agnews/cifar100]."),
+        _R("residual"), "--residual/--no-residual", help="Add the input to the attention output of mha, mha-bn, gqa, "
+        "gqdaam, daam-v1 and daam-v2 (DAAM: x + x * gate) [default: on for them on your own data; off, as in the "
+        "paper, on iemocap/agnews/cifar100]."),
     selection: Optional[str] = typer.Option(
         _R("selection"), "--selection", help="Checkpoint kept per fold/run: best-epoch (highest dev accuracy) | "
         "last-epoch [default: last-epoch on your own data; best-epoch, the paper's, on iemocap/agnews/cifar100]."),
