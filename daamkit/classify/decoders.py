@@ -137,22 +137,17 @@ def _mha_bn(config: DecoderConfig) -> tuple[nn.Module, int]:
 
 
 class _ResidualGQA(GroupedQueryAttention):
-    """Grouped-query self-attention projected back to the input width, plus its input: `x + attention(x)`."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__(width, num_query_heads=heads, num_kv_heads=GQA_KV_HEADS, head_dim=GQA_HEAD_DIM,
-                         out_features=width)
+    """Grouped-query self-attention plus its input, `x + attention(x)` (built with `out_features` = input width)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return x + super().forward(x)
 
 
 def _gqa(config: DecoderConfig) -> tuple[nn.Module, int]:
-    if config.residual:
-        module = _ResidualGQA(config.hidden_size, config.heads)
-    else:
-        module = GroupedQueryAttention(config.hidden_size, num_query_heads=config.heads, num_kv_heads=GQA_KV_HEADS,
-                                       head_dim=GQA_HEAD_DIM)
+    """The paper's GQA (output 8 x 64 wide); with `residual`, projected back to the input width plus the input."""
+    module = (_ResidualGQA if config.residual else GroupedQueryAttention)(
+        config.hidden_size, num_query_heads=config.heads, num_kv_heads=GQA_KV_HEADS, head_dim=GQA_HEAD_DIM,
+        out_features=config.hidden_size if config.residual else None)
     return module, module.out_features
 
 

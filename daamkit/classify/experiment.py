@@ -121,8 +121,8 @@ def resolve_head(head: Optional[str], manifest: dict) -> str:
 
 
 def resolve_residual(residual: Optional[bool], manifest: dict, decoder_has_one: bool) -> bool:
-    """The residual path of a decoder that has one (mha, mha-bn, gqa, gqdaam, daam-v1, daam-v2); None is on
-    for them on a user's task (see USER_RESIDUAL), off on the paper's."""
+    """The residual path of a decoder that has one (`DecoderSpec.residual`); None is on for them on a user's task
+    (see USER_RESIDUAL), off on the paper's."""
     return bool(_task_default(residual, manifest, paper=False, user=USER_RESIDUAL and decoder_has_one))
 
 
