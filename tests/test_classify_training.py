@@ -24,7 +24,7 @@ from daamkit.classify.experiment import (
 )
 from daamkit.classify.importance import importance_run
 from daamkit.classify.report import build_report, render_report
-from daamkit.classify.split_loop import focal_loss
+from daamkit.classify.split_loop import CHANCE_BAND, chance_loss, focal_loss
 from daamkit.classify.training import train_decoder
 from daamkit.cli.main import app
 from daamkit.infra.checkpoint import load_weights
@@ -201,6 +201,36 @@ def test_focal_loss_matches_its_formula():
     logits, target = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]]), torch.tensor([0, 2])
     p = torch.softmax(logits, -1)[torch.arange(2), target]
     assert focal_loss(logits, target) == pytest.approx((-0.25 * (1 - p) ** 2.5 * p.log()).mean().item())
+
+
+def test_chance_loss_is_the_loss_of_predicting_the_class_frequencies():
+    counts = torch.tensor([6, 3, 0, 1])  # a class absent from the epoch adds nothing
+    p = counts.double() / counts.sum()
+    entropy = -sum(q * q.log() for q in p if q > 0)
+    assert chance_loss(torch.nn.functional.cross_entropy, counts) == pytest.approx(entropy.item())
+    labels = torch.repeat_interleave(torch.arange(4), counts)
+    constant = p.log().float().expand(len(labels), -1)
+    assert chance_loss(focal_loss, counts) == pytest.approx(focal_loss(constant, labels).item(), rel=1e-6)
+
+
+def test_a_run_that_collapses_to_the_class_frequencies_is_named_in_metrics_log_and_report(agnews_cache, tmp_path,
+                                                                                          capsys):
+    def train(name, lr):
+        return train_decoder(agnews_cache, "mha", tmp_path / name, epochs=3, runs=2, layers="2-4", heads=4, lr=lr,
+                             method=name)
+
+    set_quiet(False)
+    try:
+        stuck, learned = train("stuck", 1e-9), train("learned", 1e-2)
+    finally:
+        set_quiet(True)
+    assert stuck["collapsed"] == ["run1", "run2"] and learned["collapsed"] == []
+    ratio = {name: [h[-1]["train_loss"] / h[-1]["chance_loss"] for h in metrics["history"].values()]
+             for name, metrics in (("stuck", stuck), ("learned", learned))}
+    assert all(abs(r - 1) <= CHANCE_BAND for r in ratio["stuck"]) and all(r < 1 - CHANCE_BAND for r in ratio["learned"])
+    assert capsys.readouterr().err.count("collapsed to always predicting the class frequencies") == 1
+    text = render_report([tmp_path / "learned", tmp_path / "stuck"])
+    assert "(collapsed to always predicting the class frequencies: stuck (run1, run2);" in text
 
 
 def test_feature_batches_cover_every_item_once_in_float32(agnews_cache):

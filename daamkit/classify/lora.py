@@ -46,7 +46,7 @@ from daamkit.classify.experiment import (
 from daamkit.classify.feature_cache import FeatureSplit
 from daamkit.classify.protocol import SplitPlan
 from daamkit.classify.run_config import LoRARunConfig
-from daamkit.classify.split_loop import fit_split
+from daamkit.classify.split_loop import fit_split, warn_if_collapsed
 from daamkit.infra.checkpoint import atomic_write_json, load_config, load_weights, read_json
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
@@ -403,5 +403,6 @@ def _metrics(settings: dict, plans: list[SplitPlan], history: dict, scores: list
         **scores[0]["counts"],
         "lora": {key: settings[key] for key in ("rank", "alpha", "plus", "loraplus_ratio", "target_modules", "lr")},
         "history": history,
+        "collapsed": warn_if_collapsed(history, settings["lr"]),
     })
     return metrics

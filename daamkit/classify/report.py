@@ -3,8 +3,9 @@
 One accuracy table per (task, encoder) and metric (chunk-level `accuracy`; IEMOCAP adds
 `utterance_accuracy`): one row per run (method), one column per fold/run, then mean +- std, as in the
 paper's Tables 2-4, and a note when no `linear` probe row is among them, or naming the rows more than
-`BEHIND_LINEAR` below it. Runs of DAAM decoders also fill the Gaussian-parameter table (paper Table 5): the
-min and max of the learned mean offsets and scaled variances. Any run folder with a `metrics.json` of
+`BEHIND_LINEAR` below it, and one naming the folds/runs that collapsed (`collapsed`). Runs of DAAM
+decoders also fill the Gaussian-parameter table (paper Table 5): the min and max of the learned mean
+offsets and scaled variances. Any run folder with a `metrics.json` of
 this shape takes part, so LoRA baselines land in the same tables (their `trainable_parameters`, when
 given, is shown as the trainable parameter count).
 """
@@ -60,6 +61,7 @@ def build_report(run_dirs: Sequence[str | Path]) -> dict:
                 "per_split": per_split,
                 "mean": block["mean"],
                 "std": block["std"],
+                "collapsed": metrics.get("collapsed", []),
             })
         if metrics.get("gaussian_parameters"):
             gaussian_rows.append({"method": method, "task": metrics.get("task"), "run_dir": str(run_dir),
@@ -107,6 +109,10 @@ def render_markdown(report: dict) -> str:
             behind = ", ".join(f"{row['method']} {100 * row['gap']:+.2f}" for row in table["behind_linear"])
             lines.append(f"(more than {100 * BEHIND_LINEAR:g} points below the linear probe: {behind}; on these "
                          "features the simplest baseline is the better classifier for these rows)")
+        stuck = [f"{row['method']} ({', '.join(row['collapsed'])})" for row in table["rows"] if row["collapsed"]]
+        if stuck:
+            lines.append(f"(collapsed to always predicting the class frequencies: {'; '.join(stuck)}; these "
+                         "accuracies say little about the model: raise the lr or train longer)")
         lines.append("")
     if report["gaussian_parameters"]:
         lines += ["### Learned Gaussian parameters", "",

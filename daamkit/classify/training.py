@@ -55,7 +55,7 @@ from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.importance import IMPORTANCE_DIR, write_importance
 from daamkit.classify.protocol import SplitPlan, parse_layers
 from daamkit.classify.run_config import DecoderRunConfig
-from daamkit.classify.split_loop import fit_split
+from daamkit.classify.split_loop import fit_split, warn_if_collapsed
 from daamkit.infra.checkpoint import atomic_write_json
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
@@ -283,6 +283,7 @@ def _finish_run(context: RunContext, accelerator, history: dict[str, list[dict]]
         "decoder_parameters": count_parameters(kept[0]),  # every split's decoder has the run's shape
         "attention_parameters": attention_parameters(kept[0]),
         "history": history,
+        "collapsed": warn_if_collapsed(history, run["lr"]),
     }
     if ranges[0] is not None:
         metrics["gaussian_parameters"] = {
