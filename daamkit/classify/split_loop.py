@@ -11,8 +11,8 @@ a finished split leaves `FOLDER/history.json` and is not trained again.
 Each epoch's record also holds `chance_loss`, the loss of always predicting that epoch's class frequencies.
 A split whose last training loss ends within `CHANCE_BAND` of it has collapsed to that constant
 prediction (`collapsed`): on a user's few hundred items a density decoder with dropout 0.8 at `lr` 3e-4
-does, and its test accuracy (22-44 % on 4-7 classes in the README walkthrough) then says nothing about the decoder. The runs name
-such splits (`warn_if_collapsed`) instead of leaving a low accuracy unexplained.
+does, and its test accuracy (22-44 % on the README walkthrough's sets) then says little about the decoder.
+The runs name such splits (`warn_if_collapsed`) instead of leaving a low accuracy unexplained.
 
 What differs between a DAT decoder and a LoRA model lives behind `SplitJob`.
 """
