@@ -214,6 +214,34 @@ def test_text_csv_saved_with_a_utf8_bom_is_read(tmp_path):
     assert data.classes == ["neg", "pos"] and data.splits["train"].load(0) == "first"
 
 
+def test_text_csv_header_in_any_case_and_rows_without_text_or_label_skipped_and_counted(tmp_path, capsys):
+    (tmp_path / "train.csv").write_text(' Text ,LABEL,id\n"one, with a comma",pos,1\n,neg,2\ntwo,,3\n\nthree,neg,4\n')
+    (tmp_path / "test.csv").write_text("text,label,id\nfour,pos,5\n")
+    set_quiet(False)
+    try:
+        data = load_task("text-csv", tmp_path)
+    finally:
+        set_quiet(True)
+    train = data.splits["train"]
+    assert data.classes == ["neg", "pos"] and [train.load(i) for i in range(len(train))] == ["one, with a comma", "three"]
+    assert train.labels == [1, 0]
+    assert "train.csv: skipped 2 row(s) with an empty text or label (line(s) 3, 4)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('text,label\nok,pos\n\n"a\nb",pos,extra\n', r"train.csv:4: 3 field\(s\) where the header has 2; a text with a comma"),
+    ('text,label\nok,pos\n"never closed,neg\nlast,pos\n', r"train.csv:3: 1 field\(s\) where the header has 2"),
+    ("text,label\nd\xe9j\xe0,pos\n".encode("latin-1"), r"train.csv is not UTF-8 text \(byte 0xe9\); save it as UTF-8"),
+    ("words,tag\nok,pos\n", "train.csv has no column\\(s\\) text, label; the header needs text,label"),
+])
+def test_malformed_text_csv_is_one_line_naming_the_row(tmp_path, content, message):
+    path = tmp_path / "train.csv"
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    (tmp_path / "test.csv").write_text("text,label\nfour,pos\n")
+    with pytest.raises(DaamkitError, match=message):
+        load_task("text-csv", tmp_path)
+
+
 def test_max_items_spreads_and_changes_the_fingerprint(iemocap_dir):
     full = load_task("iemocap", iemocap_dir)
     small = load_task("iemocap", iemocap_dir, max_items=10)

@@ -8,7 +8,8 @@ Tasks (`load_task(task, data_dir)`):
 - `agnews`: `train.csv` / `test.csv` without header: class 1-4, title, description (text = title + " " +
   description).
 - `cifar100`: the `cifar-100-python/` pickles (`train`, `test`, `meta`), 100 fine labels.
-- `text-csv`: `train.csv` / `test.csv` with a header and columns `text` and `label`.
+- `text-csv`: `train.csv` / `test.csv` (UTF-8) with a header and columns `text` and `label` (any case, other
+  columns ignored); rows with an empty text or label are skipped and counted.
 - `image-folder` / `audio-folder`: `DIR/train/<class>/*` and `DIR/test/<class>/*`.
 
 Nothing heavy is read up front: a split holds item metadata, labels and a `load(i)` that returns the raw
@@ -30,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.progress import log
 
 TASK_MODALITY = {
     "iemocap": "audio",
@@ -227,20 +229,36 @@ def _require_files(root: Path, names: tuple[str, ...]) -> None:
             raise DaamkitError(f"{root / name} is missing")
 
 
+def _csv_rows(path: Path):
+    """(first line number, fields) of every non-blank row of a UTF-8 CSV file (a BOM, as Excel's "CSV UTF-8"
+    writes, is dropped); a file in another encoding or with broken quoting is one DaamkitError line."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            start = 1
+            for row in reader:
+                if any(field.strip() for field in row):
+                    yield start, row
+                start = reader.line_num + 1
+    except UnicodeDecodeError as err:
+        raise DaamkitError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x}); save it as UTF-8") from None
+    except csv.Error as err:
+        raise DaamkitError(f"{path}:{reader.line_num}: {err}") from None
+
+
 def _read_agnews(root: Path, sampling_rate: int):
     _require_files(root, ("train.csv", "test.csv"))
     splits, sources = {}, []
     for name in ("train", "test"):
         path = root / f"{name}.csv"
         texts, labels = [], []
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            for line_no, row in enumerate(csv.reader(handle), start=1):
-                if len(row) != 3:
-                    raise DaamkitError(f"{path}:{line_no}: expected 3 columns (class, title, description), got {len(row)}")
-                if row[0].strip() not in {"1", "2", "3", "4"}:
-                    raise DaamkitError(f"{path}:{line_no}: unknown label {row[0]!r} (AG News classes are 1-4)")
-                labels.append(int(row[0]) - 1)
-                texts.append(f"{row[1].strip()} {row[2].strip()}")
+        for line_no, row in _csv_rows(path):
+            if len(row) != 3:
+                raise DaamkitError(f"{path}:{line_no}: expected 3 columns (class, title, description), got {len(row)}")
+            if row[0].strip() not in {"1", "2", "3", "4"}:
+                raise DaamkitError(f"{path}:{line_no}: unknown label {row[0]!r} (AG News classes are 1-4)")
+            labels.append(int(row[0]) - 1)
+            texts.append(f"{row[1].strip()} {row[2].strip()}")
         splits[name] = _text_split(name, texts, labels)
         sources.append((path.name, hashlib.sha256(path.read_bytes()).hexdigest()))
     return AGNEWS_CLASSES, splits, None, sources
@@ -258,28 +276,50 @@ def _sorted_labels(names: set[str]) -> list[str]:
     return sorted(names)
 
 
+def _text_csv_rows(path: Path) -> list[tuple[int, str, str]]:
+    """(line number, text, label) of a text-csv file. The header's `text` and `label` are found whatever their
+    case and surrounding spaces; a row with another number of fields than the header is refused (usually a
+    text with an unquoted comma); rows with an empty text or label are skipped and counted."""
+    rows = _csv_rows(path)
+    _, header = next(rows, (1, []))
+    names = [name.strip().lower() for name in header]
+    missing = [column for column in ("text", "label") if column not in names]
+    if missing:
+        raise DaamkitError(f"{path} has no column(s) {', '.join(missing)}; the header needs text,label")
+    text_at, label_at = names.index("text"), names.index("label")
+    kept, skipped = [], []
+    for line_no, row in rows:
+        if len(row) != len(names):
+            raise DaamkitError(f"{path}:{line_no}: {len(row)} field(s) where the header has {len(names)}; a text "
+                               "with a comma needs double quotes, and every opening quote a closing one")
+        text, label = row[text_at], row[label_at].strip()
+        if text.strip() and label:
+            kept.append((line_no, text, label))
+        else:
+            skipped.append(line_no)
+    if skipped:
+        log(f"{path}: skipped {len(skipped)} row(s) with an empty text or label (line(s) "
+            f"{', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})")
+    return kept
+
+
 def _read_text_csv(root: Path, sampling_rate: int):
     _require_files(root, ("train.csv", "test.csv"))
     rows, sources = {}, []
     for name in ("train", "test"):
         path = root / f"{name}.csv"
-        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" has a BOM
-            reader = csv.DictReader(handle)
-            missing = {"text", "label"} - set(reader.fieldnames or [])
-            if missing:
-                raise DaamkitError(f"{path} has no column(s) {', '.join(sorted(missing))}; the header needs text,label")
-            rows[name] = [(row["text"] or "", (row["label"] or "").strip()) for row in reader]
+        rows[name] = _text_csv_rows(path)
         sources.append((path.name, hashlib.sha256(path.read_bytes()).hexdigest()))
-    classes = _sorted_labels({label for _, label in rows["train"]})
+    classes = _sorted_labels({label for _, _, label in rows["train"]})
     index = {label: i for i, label in enumerate(classes)}
     splits = {}
-    for name, pairs in rows.items():
-        for row_no, (_, label) in enumerate(pairs, start=2):
+    for name, triples in rows.items():
+        for line_no, _, label in triples:
             if label not in index:
                 raise DaamkitError(
-                    f"{root / (name + '.csv')}:{row_no}: unknown label {label!r} (train.csv labels: {', '.join(classes)})"
+                    f"{root / (name + '.csv')}:{line_no}: unknown label {label!r} (train.csv labels: {', '.join(classes)})"
                 )
-        splits[name] = _text_split(name, [text for text, _ in pairs], [index[label] for _, label in pairs])
+        splits[name] = _text_split(name, [text for _, text, _ in triples], [index[label] for _, _, label in triples])
     return classes, splits, None, sources
 
 
