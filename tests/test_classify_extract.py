@@ -242,6 +242,31 @@ def test_malformed_text_csv_is_one_line_naming_the_row(tmp_path, content, messag
         load_task("text-csv", tmp_path)
 
 
+def test_image_folder_skips_and_counts_unreadable_images_and_applies_exif_orientation(image_folder_dir, tmp_path,
+                                                                                      capsys):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    shutil.copytree(image_folder_dir, root)
+    (root / "train" / "cat" / "broken.png").write_bytes(b"not an image")
+    whole = (root / "train" / "dog" / "0.png").read_bytes()
+    (root / "train" / "dog" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    rotated = Image.fromarray(np.zeros((10, 30, 3), dtype=np.uint8))  # stored 30 wide, 10 high
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # EXIF orientation "rotate 90 degrees clockwise": a viewer shows it 10 wide, 30 high
+    rotated.save(root / "test" / "cat" / "phone.jpg", exif=exif)
+    set_quiet(False)
+    try:
+        data = load_task("image-folder", root)
+    finally:
+        set_quiet(True)
+    assert "skipped 2 of 8 train image file(s): 2 unreadable" in capsys.readouterr().err
+    train, test = data.splits["train"], data.splits["test"]
+    assert len(train) == 6 and not any("broken" in item["id"] or "cut" in item["id"] for item in train.items)
+    phone = next(i for i, item in enumerate(test.items) if item["id"].endswith("phone.jpg"))
+    assert test.load(phone).size == (10, 30)
+
+
 def test_max_items_spreads_and_changes_the_fingerprint(iemocap_dir):
     full = load_task("iemocap", iemocap_dir)
     small = load_task("iemocap", iemocap_dir, max_items=10)

@@ -159,7 +159,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(world, args, message):
 # --------------------------------------------------------------------------- images decode right or are skipped
 
 def _decoded(path: Path):
-    from daamkit.vqvae.data import read_rgb
+    from daamkit.infra.images import read_rgb
 
     image = read_rgb(path)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
@@ -209,7 +209,7 @@ def _jpeg(path: Path, size: int = 24, seed: int = 0) -> bytes:
 def test_training_lists_every_skipped_file_with_its_reason(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from daamkit.vqvae import data as data_module
+    from daamkit.infra import images as images_module
 
     images = tmp_path / "images"
     write_images(images, 4)
@@ -227,7 +227,7 @@ def test_training_lists_every_skipped_file_with_its_reason(tmp_path, monkeypatch
 
     # a folder too large to decode at scan time: the cut file passes the header scan, fails on first use,
     # is warned about once, counted in TensorBoard and listed as well
-    monkeypatch.setattr(data_module, "FULL_DECODE_LIMIT", 0)
+    monkeypatch.setattr(images_module, "FULL_DECODE_LIMIT", 0)
     result = invoke("vqvae", "train", "--data", images, "--out", tmp_path / "big", "--steps", "6", "--eval-every", "6",
                     "--image-size", "16", "--batch-size", "3", *TINY_ARGS[4:])
     assert result.exit_code == 0, result.output

@@ -15,7 +15,8 @@ from daamkit.cli.main import app as cli_app
 from daamkit.infra.checkpoint import save_checkpoint
 from daamkit.infra.errors import DaamkitError
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, checkpoint_config
-from daamkit.vqvae.data import CropDataset, read_rgb
+from daamkit.infra.images import read_rgb
+from daamkit.vqvae.data import CropDataset
 from daamkit.vqvae.demo import MAX_FULL_PIXELS, DemoModel, read_upload
 from daamkit.vqvae.evaluate import evaluate_model
 from daamkit.vqvae.model import VQVAE

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from daamkit.cli.main import app
 from daamkit.infra.checkpoint import load_training_state, load_weights
 from daamkit.infra.errors import DaamkitError
-from daamkit.vqvae import data as data_module
+from daamkit.infra import images as images_module
 from daamkit.vqvae import train as train_module
 from daamkit.vqvae.data import StepBatchSampler, evaluation_set, training_splits
 
@@ -90,7 +90,7 @@ def test_corrupt_and_small_files_are_skipped_counted_and_reported(tmp_path, caps
     assert len(splits.train) + len(splits.val) == 3  # a small folder is fully decoded: truncation found at scan
     assert {path.name: reason.split(" (")[0] for path, reason in splits.skipped} == {
         "broken.png": "unreadable", "truncated.png": "unreadable", "tiny.png": "8x8 is smaller than the 16 px crop"}
-    monkeypatch.setattr(data_module, "FULL_DECODE_LIMIT", 2)  # a "large" folder: headers only
+    monkeypatch.setattr(images_module, "FULL_DECODE_LIMIT", 2)  # a "large" folder: headers only
     evaluated = evaluation_set(str(tmp_path), 16)
     items = [evaluated[i] for i in range(len(evaluated))]
     assert sum(item is None for item in items) == 1  # the truncated file fails only when decoded
@@ -319,7 +319,7 @@ def test_two_process_gloo_run(tmp_path):
                 < next(iter(StepBatchSampler(5, 1, s, rank=0, world_size=2)))[0][0])
     first = next(iter(StepBatchSampler(5, 1, seed, rank=1, world_size=2)))[0][0]
     launcher = tmp_path / "launch.py"  # runs the CLI as if the folder were too large to decode when scanned
-    launcher.write_text("import daamkit.vqvae.data as d; d.FULL_DECODE_LIMIT = 0\n"
+    launcher.write_text("import daamkit.infra.images as d; d.FULL_DECODE_LIMIT = 0\n"
                         "from daamkit.cli.main import main; main()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}

@@ -10,7 +10,8 @@ Tasks (`load_task(task, data_dir)`):
 - `cifar100`: the `cifar-100-python/` pickles (`train`, `test`, `meta`), 100 fine labels.
 - `text-csv`: `train.csv` / `test.csv` (UTF-8) with a header and columns `text` and `label` (any case, other
   columns ignored); rows with an empty text or label are skipped and counted.
-- `image-folder` / `audio-folder`: `DIR/train/<class>/*` and `DIR/test/<class>/*`.
+- `image-folder` / `audio-folder`: `DIR/train/<class>/*` and `DIR/test/<class>/*`; images that cannot be
+  decoded are skipped and counted.
 
 Nothing heavy is read up front: a split holds item metadata, labels and a `load(i)` that returns the raw
 input (a `str`, an RGB `PIL.Image`, or a mono float32 waveform at the requested sampling rate).
@@ -31,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.images import LOAD_ERRORS, read_rgb, scan_images, unreadable_reason
 from daamkit.infra.progress import log
 
 TASK_MODALITY = {
@@ -364,13 +366,13 @@ def _to_pil(array: np.ndarray):
 
 
 def _load_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image decoded as a viewer shows it (EXIF orientation, transparency on white, 16-bit scaled)."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise DaamkitError(f"cannot read image {path}: {err}") from err
+        return Image.fromarray(read_rgb(path))
+    except LOAD_ERRORS as err:  # only in folders too large to decode when listed (`scan_images`)
+        raise DaamkitError(f"cannot read image {path}: {unreadable_reason(err)}") from err
 
 
 # ---------------------------------------------------------------- class folders
@@ -401,9 +403,13 @@ def _class_files(root: Path, suffixes: set[str]):
 
 
 def _read_image_folder(root: Path, sampling_rate: int):
+    """Class-folder images; files that cannot be decoded are skipped and counted (`scan_images`)."""
     classes, files, sources = _class_files(root, IMAGE_SUFFIXES)
     splits = {}
     for name, (paths, labels) in files.items():
+        readable = set(scan_images(paths, f"{name} image").files)
+        kept = [i for i, path in enumerate(paths) if path in readable]
+        paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
         items = [{"id": str(p.relative_to(root)), "group": None, "utterance": None} for p in paths]
         splits[name] = DatasetSplit(name, items, labels, lambda i, paths=paths: _load_image(paths[i]))
     return classes, splits, None, sources

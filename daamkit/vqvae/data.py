@@ -14,12 +14,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from daamkit.infra.checkpoint import atomic_write_bytes
 from daamkit.infra.errors import DaamkitError
-from daamkit.infra.progress import log, progress_bar
+from daamkit.infra.images import LOAD_ERRORS, ScanResult, read_rgb, scan_images, unreadable_reason
+from daamkit.infra.progress import log
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Colour photographs bundled inside scikit-image (no download); loaders that fail are skipped.
@@ -28,8 +29,6 @@ SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"
 HELD_OUT_FRACTION = 0.25   # bottom quarter of every sample photo is reserved for validation crops
 FOLDER_HOLDOUT_EVERY = 20  # every 20th file of a plain folder is held out for validation
 LARGE_FOLDER = 1000        # `resize_mode` auto: folders of at least this many images are resized, then cropped
-FULL_DECODE_LIMIT = 5000   # folders up to this many files are fully decoded when scanned
-LOAD_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -41,33 +40,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """float [B, C, H, W] (or [C, H, W]) in [-1, 1] -> uint8 [..., H, W, C]."""
     images = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
     return images.movedim(-3, -1).numpy()
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode a whole image file to uint8 HWC RGB as a viewer shows it (raises one of LOAD_ERRORS when it
-    is unreadable or truncated): EXIF orientation applied, 16-bit samples scaled to 8 bits, transparency
-    composited on white, palette, CMYK and greyscale converted."""
-    with Image.open(path) as image:
-        image.load()  # decodes every byte now, so a truncated file fails here and not half-way
-        return np.asarray(_as_rgb(ImageOps.exif_transpose(image)))
-
-
-def _as_rgb(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I"):  # 16-bit (I;16*) or 32-bit integer greyscale holding 16-bit samples
-        samples = np.asarray(image).astype(np.float64)
-        image = Image.fromarray(np.clip(np.round(samples / 257.0), 0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
-
-
-def unreadable_reason(err: BaseException) -> str:
-    """A short reason for a file that failed to decode, e.g. "unreadable (OSError: image file is truncated)"."""
-    detail = str(err).strip().splitlines()
-    return f"unreadable ({type(err).__name__}: {detail[0]})" if detail else f"unreadable ({type(err).__name__})"
 
 
 def read_skipped_list(path: str | Path) -> dict[str, str]:
@@ -108,48 +80,6 @@ def list_images(folder: str | Path, field: str = "data") -> list[Path]:
     if not folder.is_dir():
         raise DaamkitError(f"`{field}` folder {folder} does not exist (use `{field}` \"samples\" for the built-in photos)")
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-@dataclass
-class ScanResult:
-    files: list[Path]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def _image_size(path: Path, decode: bool) -> tuple[int, int]:
-    """(width, height) of an image file: fully decoded when `decode`, else from its header only."""
-    if decode:
-        height, width = read_rgb(path).shape[:2]
-        return width, height
-    with Image.open(path) as image:
-        return image.size  # EXIF rotation swaps the sides, which leaves min(width, height) alone
-
-
-def scan_images(files: Sequence[Path], min_size: int, what: str) -> ScanResult:
-    """Check every file; unreadable ones and ones smaller than `min_size` are skipped with a reason.
-
-    Folders of up to FULL_DECODE_LIMIT files are decoded completely, so truncated files are caught here;
-    larger ones (COCO) only have their headers read and a file that fails later is skipped when first used.
-    """
-    result = ScanResult(files=[])
-    decode = len(files) <= FULL_DECODE_LIMIT
-    with progress_bar(f"{'checking' if decode else 'scanning'} {what}", total=len(files)) as task:
-        for path in files:
-            try:
-                width, height = _image_size(path, decode)
-            except LOAD_ERRORS as err:
-                result.skipped.append((path, unreadable_reason(err)))
-            else:
-                if min(width, height) < min_size:
-                    result.skipped.append((path, f"{width}x{height} is smaller than the {min_size} px crop"))
-                else:
-                    result.files.append(path)
-            task.advance()
-    if result.skipped:
-        unreadable = sum(reason.startswith("unreadable") for _, reason in result.skipped)
-        log(f"skipped {len(result.skipped)} of {len(files)} {what} file(s): {unreadable} unreadable, "
-            f"{len(result.skipped) - unreadable} too small")
-    return result
 
 
 class CropDataset(Dataset):
@@ -313,7 +243,7 @@ def _file_dataset(files: list[Path], image_size: int, seed: int, resize: bool) -
 
 
 def _scan_nonempty(folder: Path, image_size: int, what: str, field: str = "data") -> ScanResult:
-    scan = scan_images(list_images(folder, field), image_size, what)
+    scan = scan_images(list_images(folder, field), what, image_size)
     if not scan.files:
         first = f"; e.g. {scan.skipped[0][0]}: {scan.skipped[0][1]}" if scan.skipped else ""
         raise DaamkitError(f"{folder} holds no readable image of at least {image_size}x{image_size} "

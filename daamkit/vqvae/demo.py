@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from daamkit.infra.errors import DaamkitError
-from daamkit.vqvae.data import LOAD_ERRORS, read_rgb, sample_photos, unreadable_reason
+from daamkit.infra.images import LOAD_ERRORS, read_rgb, unreadable_reason
+from daamkit.vqvae.data import sample_photos
 from daamkit.vqvae.io import (SkippedInput, default_device, load_model, prepare_image, resolve_image_size, save_png,
                               uses_ema_weights)
 from daamkit.vqvae.losses import LPIPS_MIN_SIZE, load_lpips, lpips_available

@@ -13,10 +13,10 @@ from PIL import Image
 
 from daamkit.infra.checkpoint import atomic_write_bytes, load_config, load_state_dict_strict, load_weights
 from daamkit.infra.errors import DaamkitError
+from daamkit.infra.images import LOAD_ERRORS, read_rgb, unreadable_reason
 from daamkit.infra.progress import log, progress_bar
 from daamkit.vqvae.config import TrainConfig, VQVAEConfig, parse_checkpoint_config
-from daamkit.vqvae.data import (IMAGE_EXTENSIONS, LOAD_ERRORS, center_crop, list_images, read_rgb, to_tensor,
-                                unreadable_reason, write_skipped_list)
+from daamkit.vqvae.data import IMAGE_EXTENSIONS, center_crop, list_images, to_tensor, write_skipped_list
 from daamkit.vqvae.model import VQVAE
 from daamkit.vqvae.weight_ema import EMA_WEIGHTS_FILE
 
