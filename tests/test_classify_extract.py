@@ -267,6 +267,22 @@ def test_image_folder_skips_and_counts_unreadable_images_and_applies_exif_orient
     assert test.load(phone).size == (10, 30)
 
 
+def test_audio_folder_skips_and_counts_unreadable_and_empty_clips(audio_folder_dir, tmp_path, capsys):
+    import soundfile
+
+    root = tmp_path / "audio"
+    shutil.copytree(audio_folder_dir, root)
+    (root / "train" / "yes" / "noise.wav").write_bytes(b"RIFF but not really a wave file")
+    soundfile.write(root / "train" / "no" / "silent.wav", np.zeros(0, dtype=np.float32), 16000)
+    set_quiet(False)
+    try:
+        data = load_task("audio-folder", root)
+    finally:
+        set_quiet(True)
+    assert "skipped 2 of 6 train audio file(s) that cannot be read or hold no samples" in capsys.readouterr().err
+    assert data.splits["train"].items == load_task("audio-folder", audio_folder_dir).splits["train"].items
+
+
 def test_max_items_spreads_and_changes_the_fingerprint(iemocap_dir):
     full = load_task("iemocap", iemocap_dir)
     small = load_task("iemocap", iemocap_dir, max_items=10)

@@ -11,7 +11,7 @@ Tasks (`load_task(task, data_dir)`):
 - `text-csv`: `train.csv` / `test.csv` (UTF-8) with a header and columns `text` and `label` (any case, other
   columns ignored); rows with an empty text or label are skipped and counted.
 - `image-folder` / `audio-folder`: `DIR/train/<class>/*` and `DIR/test/<class>/*`; images that cannot be
-  decoded are skipped and counted.
+  decoded and audio files that cannot be read or hold no samples are skipped and counted.
 
 Nothing heavy is read up front: a split holds item metadata, labels and a `load(i)` that returns the raw
 input (a `str`, an RGB `PIL.Image`, or a mono float32 waveform at the requested sampling rate).
@@ -157,6 +157,25 @@ def _audio_length(path: Path, sampling_rate: int) -> int:
     if info.samplerate == sampling_rate:
         return info.frames
     return math.ceil(info.frames * sampling_rate / info.samplerate)
+
+
+def _readable_audio(paths: list[Path], sampling_rate: int, what: str) -> dict[Path, int]:
+    """The resampled length of every audio file whose header reads and that holds samples; the others are
+    skipped and counted in one line."""
+    lengths, skipped = {}, []
+    for path in paths:
+        try:
+            length = _audio_length(path, sampling_rate)
+        except DaamkitError:
+            length = 0
+        if length:
+            lengths[path] = length
+        else:
+            skipped.append(path)
+    if skipped:
+        log(f"skipped {len(skipped)} of {len(paths)} {what} file(s) that cannot be read or hold no samples "
+            f"(first: {skipped[0]})")
+    return lengths
 
 
 @lru_cache(maxsize=4)
@@ -420,10 +439,13 @@ def _read_audio_folder(root: Path, sampling_rate: int):
     classes, files, sources = _class_files(root, AUDIO_SUFFIXES)
     splits = {}
     for name, (paths, file_labels) in files.items():
+        lengths = _readable_audio(paths, sampling_rate, f"{name} audio")
         items, labels, chunks = [], [], []
         for path, label in zip(paths, file_labels):
+            if path not in lengths:
+                continue
             utterance = str(path.relative_to(root))
-            for k, (start, stop) in enumerate(chunk_bounds(_audio_length(path, sampling_rate), sampling_rate)):
+            for k, (start, stop) in enumerate(chunk_bounds(lengths[path], sampling_rate)):
                 items.append({"id": f"{utterance}#{k}", "group": None, "utterance": utterance})
                 labels.append(label)
                 chunks.append((path, start, stop))
