@@ -8,14 +8,15 @@ its own chunk with the same code and the results are concatenated.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
-# fn(x_grouped, mask_grouped, head_slice) -> gate shaped like x_grouped.  In x_grouped the head axis sits
-# at the norm axis and the positions of one head at norm axis + 1.
-GroupGateFn = Callable[[Tensor, Optional[Tensor], slice], Tensor]
+# fn(x_grouped, mask_grouped, head_slice) -> a tensor shaped like x_grouped (a gate), or a tuple of them (the
+# fused skip form's output and gate). In x_grouped the head axis sits at the norm axis and the positions of
+# one head at norm axis + 1.
+GroupFn = Callable[[Tensor, Optional[Tensor], slice], Union[Tensor, tuple[Tensor, ...]]]
 
 
 def normalize_axis(axis: int, ndim: int, name: str) -> int:
@@ -84,21 +85,25 @@ def head_sizes(size: int, num_heads: int) -> list[int]:
     return [base] * (num_heads - 1) + [size - base * (num_heads - 1)]
 
 
-def apply_per_head(x: Tensor, mask: Optional[Tensor], axis: int, num_heads: int, gate_fn: GroupGateFn) -> Tensor:
-    """Run `gate_fn` on the head-grouped view of `x` and return the gate in x's own layout."""
+def apply_per_head(x: Tensor, mask: Optional[Tensor], axis: int, num_heads: int,
+                   fn: GroupFn) -> Union[Tensor, tuple[Tensor, ...]]:
+    """Run `fn` on the head-grouped view of `x` and return its result (each tensor of it) in x's own layout."""
     size = x.shape[axis]
     if size % num_heads == 0:
         grouped = x.unflatten(axis, (num_heads, size // num_heads))
         grouped_mask = None if mask is None else mask.unflatten(axis, (num_heads, size // num_heads))
-        return gate_fn(grouped, grouped_mask, slice(0, num_heads)).flatten(axis, axis + 1)
+        result = fn(grouped, grouped_mask, slice(0, num_heads))
+        if isinstance(result, tuple):
+            return tuple(t.flatten(axis, axis + 1) for t in result)
+        return result.flatten(axis, axis + 1)
     lengths = head_sizes(size, num_heads)
     x_chunks = x.split(lengths, dim=axis)
     mask_chunks = [None] * num_heads if mask is None else mask.split(lengths, dim=axis)
-    gates = [
-        gate_fn(chunk.unsqueeze(axis), None if m is None else m.unsqueeze(axis), slice(h, h + 1)).squeeze(axis)
-        for h, (chunk, m) in enumerate(zip(x_chunks, mask_chunks))
-    ]
-    return torch.cat(gates, dim=axis)
+    results = [fn(chunk.unsqueeze(axis), None if m is None else m.unsqueeze(axis), slice(h, h + 1))
+               for h, (chunk, m) in enumerate(zip(x_chunks, mask_chunks))]
+    if isinstance(results[0], tuple):
+        return tuple(torch.cat([r[k].squeeze(axis) for r in results], dim=axis) for k in range(len(results[0])))
+    return torch.cat([r.squeeze(axis) for r in results], dim=axis)
 
 
 def head_view(param: Tensor, ndim: int, head_axis: int, feature_axis: Optional[int] = None) -> Tensor:

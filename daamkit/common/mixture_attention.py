@@ -102,7 +102,8 @@ class _ProductMixtureSkip(torch.autograd.Function):
 
 class MixtureDensityAdaptiveAttention(nn.Module):
     """Multi-head mixture of Gaussians over the norm axis (paper Algorithm 2). Returns `x * mix`, or with
-    `skip=True` `x + x * mix` (the VQ-VAE's `h + MixtureDAAM(h)`), fused into one pass where it can be.
+    `skip=True` `x + x * mix` (the VQ-VAE's `h + MixtureDAAM(h)`), fused into one pass per head group for the
+    product form without a mask (`_ProductMixtureSkip`), composed from the gate otherwise.
 
     Per head h (a contiguous chunk of `norm_axis`), with mu and the unbiased variance var taken over the
     head's positions and G Gaussians with learnable scalars `mean_offset[h, i]` (init 0) and `c[h, i]`
@@ -160,19 +161,22 @@ class MixtureDensityAdaptiveAttention(nn.Module):
         if self.combine == "product":
             inv_var_sum = (1.0 / c_sq).sum(-1)  # P per head
             offset_sum = (offsets / c_sq).sum(-1)  # Q per head
-            if self.skip and mask is None and x.dtype == dtype and x.shape[axis] % self.num_heads == 0:
-                grouped = x.unflatten(axis, (self.num_heads, -1))  # the fused skip form, all heads at once
-                half_p = head_view(0.5 * inv_var_sum, grouped.dim(), axis)
-                q = head_view(offset_sum, grouped.dim(), axis)
-                out, gate = (restore(t.flatten(axis, stat_axis))
-                             for t in _ProductMixtureSkip.apply(grouped, half_p, q, stat_axis))
-                return (out, gate) if return_gate else out
+
+        def product_terms(xg: Tensor, heads: slice) -> tuple[Tensor, Tensor]:
+            """P / 2 and Q of `heads`, shaped to broadcast against the grouped view."""
+            return head_view(0.5 * inv_var_sum[heads], xg.dim(), axis), head_view(offset_sum[heads], xg.dim(), axis)
+
+        if self.combine == "product" and self.skip and mask is None and x.dtype == dtype:
+            def skip_fn(xg: Tensor, mg: None, heads: slice) -> tuple[Tensor, Tensor]:  # the fused skip form
+                return _ProductMixtureSkip.apply(xg, *product_terms(xg, heads), stat_axis)
+
+            out, gate = (restore(t) for t in apply_per_head(x, None, axis, self.num_heads, skip_fn))
+            return (out, gate) if return_gate else out
 
         def gate_fn(xg: Tensor, mg: Optional[Tensor], heads: slice) -> Tensor:
             xg = xg.to(dtype)
             if self.combine == "product":
-                half_p = head_view(0.5 * inv_var_sum[heads], xg.dim(), axis)
-                q = head_view(offset_sum[heads], xg.dim(), axis)
+                half_p, q = product_terms(xg, heads)
                 if mg is None:
                     return _ProductMixtureGate.apply(xg, half_p, q, stat_axis)
             mu, count = masked_mean(xg, mg, stat_axis)
