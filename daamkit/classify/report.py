@@ -5,9 +5,9 @@ One accuracy table per (task, encoder) and metric (chunk-level `accuracy`; IEMOC
 paper's Tables 2-4, and a note when no `linear` probe row is among them, or naming the rows more than
 `BEHIND_LINEAR` below it, and one naming the folds/runs that collapsed (`collapsed`). Runs of DAAM
 decoders also fill the Gaussian-parameter table (paper Table 5): the min and max of the learned mean
-offsets and scaled variances. Any run folder with a `metrics.json` of
-this shape takes part, so LoRA baselines land in the same tables (their `trainable_parameters`, when
-given, is shown as the trainable parameter count).
+offsets and scaled variances. Any run folder with a `metrics.json` of this shape takes part, so LoRA
+baselines land in the same tables (their `trainable_parameters`, when given, is shown as the trainable
+parameter count).
 """
 
 from __future__ import annotations
