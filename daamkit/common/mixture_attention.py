@@ -162,16 +162,17 @@ class MixtureDensityAdaptiveAttention(nn.Module):
             inv_var_sum = (1.0 / c_sq).sum(-1)  # P per head
             offset_sum = (offsets / c_sq).sum(-1)  # Q per head
 
-        def product_terms(xg: Tensor, heads: slice) -> tuple[Tensor, Tensor]:
-            """P / 2 and Q of `heads`, shaped to broadcast against the grouped view."""
-            return head_view(0.5 * inv_var_sum[heads], xg.dim(), axis), head_view(offset_sum[heads], xg.dim(), axis)
+            def product_terms(xg: Tensor, heads: slice) -> tuple[Tensor, Tensor]:
+                """P / 2 and Q of `heads`, shaped to broadcast against the grouped view."""
+                return (head_view(0.5 * inv_var_sum[heads], xg.dim(), axis),
+                        head_view(offset_sum[heads], xg.dim(), axis))
 
-        if self.combine == "product" and self.skip and mask is None and x.dtype == dtype:
-            def skip_fn(xg: Tensor, mg: None, heads: slice) -> tuple[Tensor, Tensor]:  # the fused skip form
-                return _ProductMixtureSkip.apply(xg, *product_terms(xg, heads), stat_axis)
+            if self.skip and mask is None and x.dtype == dtype:
+                def skip_fn(xg: Tensor, mg: None, heads: slice) -> tuple[Tensor, Tensor]:  # the fused skip form
+                    return _ProductMixtureSkip.apply(xg, *product_terms(xg, heads), stat_axis)
 
-            out, gate = (restore(t) for t in apply_per_head(x, None, axis, self.num_heads, skip_fn))
-            return (out, gate) if return_gate else out
+                out, gate = (restore(t) for t in apply_per_head(x, None, axis, self.num_heads, skip_fn))
+                return (out, gate) if return_gate else out
 
         def gate_fn(xg: Tensor, mg: Optional[Tensor], heads: slice) -> Tensor:
             xg = xg.to(dtype)
