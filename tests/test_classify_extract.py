@@ -214,14 +214,19 @@ def test_text_csv_saved_with_a_utf8_bom_is_read(tmp_path):
     assert data.classes == ["neg", "pos"] and data.splits["train"].load(0) == "first"
 
 
+def load_logged(task: str, root):
+    """`load_task` with its log lines on stderr (this module runs quiet)."""
+    set_quiet(False)
+    try:
+        return load_task(task, root)
+    finally:
+        set_quiet(True)
+
+
 def test_text_csv_header_in_any_case_and_rows_without_text_or_label_skipped_and_counted(tmp_path, capsys):
     (tmp_path / "train.csv").write_text(' Text ,LABEL,id\n"one, with a comma",pos,1\n,neg,2\ntwo,,3\n\nthree,neg,4\n')
     (tmp_path / "test.csv").write_text("text,label,id\nfour,pos,5\n")
-    set_quiet(False)
-    try:
-        data = load_task("text-csv", tmp_path)
-    finally:
-        set_quiet(True)
+    data = load_logged("text-csv", tmp_path)
     train = data.splits["train"]
     assert data.classes == ["neg", "pos"] and [train.load(i) for i in range(len(train))] == ["one, with a comma", "three"]
     assert train.labels == [1, 0]
@@ -255,11 +260,7 @@ def test_image_folder_skips_and_counts_unreadable_images_and_applies_exif_orient
     exif = rotated.getexif()
     exif[0x0112] = 6  # EXIF orientation "rotate 90 degrees clockwise": a viewer shows it 10 wide, 30 high
     rotated.save(root / "test" / "cat" / "phone.jpg", exif=exif)
-    set_quiet(False)
-    try:
-        data = load_task("image-folder", root)
-    finally:
-        set_quiet(True)
+    data = load_logged("image-folder", root)
     assert "skipped 2 of 8 train image file(s): 2 unreadable" in capsys.readouterr().err
     train, test = data.splits["train"], data.splits["test"]
     assert len(train) == 6 and not any("broken" in item["id"] or "cut" in item["id"] for item in train.items)
@@ -274,11 +275,7 @@ def test_audio_folder_skips_and_counts_unreadable_and_empty_clips(audio_folder_d
     shutil.copytree(audio_folder_dir, root)
     (root / "train" / "yes" / "noise.wav").write_bytes(b"RIFF but not really a wave file")
     soundfile.write(root / "train" / "no" / "silent.wav", np.zeros(0, dtype=np.float32), 16000)
-    set_quiet(False)
-    try:
-        data = load_task("audio-folder", root)
-    finally:
-        set_quiet(True)
+    data = load_logged("audio-folder", root)
     assert "skipped 2 of 6 train audio file(s) that cannot be read or hold no samples" in capsys.readouterr().err
     assert data.splits["train"].items == load_task("audio-folder", audio_folder_dir).splits["train"].items
 
