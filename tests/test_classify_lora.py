@@ -10,8 +10,10 @@ from typer.testing import CliRunner
 
 from daamkit.classify import lora
 from daamkit.classify.encoders import FrozenEncoder
+from daamkit.classify.experiment import LORA_PAPER_EPOCHS, LR_GRID, MIN_TRAIN_STEPS, SMALL_POOL_RUNS, default_epochs
 from daamkit.classify.lora import default_target_modules, train_lora
 from daamkit.classify.report import build_report
+from daamkit.classify.run_config import LoRARunConfig
 from daamkit.cli.main import app
 from daamkit.infra import progress
 from daamkit.infra.checkpoint import load_weights
@@ -128,6 +130,37 @@ def test_resume_continues_an_interrupted_lora_run_exactly(tmp_path, agnews_dir, 
     assert result.exit_code == 2 and "has finished already" in result.stderr
     result = runner.invoke(app, ["classify", "lora", "--out", str(tmp_path / "new"), "--quiet"])
     assert result.exit_code == 2 and "needs --task, --data and --encoder (or --resume" in result.stderr
+
+
+def test_lora_defaults_resolve_against_the_task_as_classify_train_does(tmp_path, agnews_dir, text_csv_dir, tiny_bert):
+    """A user's task: lr auto, the 500-step floor, 3 runs on a small pool, the last epoch; the paper's AG News:
+    its recipe (lr 1e-4, 3 epochs, one run, the best dev epoch)."""
+    resolved = {}
+    for task, data in (("text-csv", text_csv_dir), ("agnews", agnews_dir)):
+        settings = lora._new_settings(task, data, str(tiny_bert), False, LoRARunConfig())
+        _, _, plans = lora._open_job(settings, tmp_path, cpu=True)
+        resolved[task] = {key: settings[key] for key in ("lr", "epochs", "runs", "selection")}
+        train_items = min(len(plan.train) for plan in plans)
+    assert resolved["agnews"] == {"lr": 1e-4, "epochs": LORA_PAPER_EPOCHS, "runs": 1, "selection": "best-epoch"}
+    assert resolved["text-csv"] == {"lr": "auto", "epochs": default_epochs(train_items, 32, LORA_PAPER_EPOCHS),
+                                    "runs": SMALL_POOL_RUNS, "selection": "last-epoch"}
+    assert resolved["text-csv"]["epochs"] * -(-train_items // 32) >= MIN_TRAIN_STEPS
+
+
+def test_lora_lr_auto_keeps_the_best_candidate_and_trains_it_as_a_fixed_lr_would(tmp_path, text_csv_dir, tiny_bert):
+    """Every candidate adapts the same base model afresh (adapters removed between them): the chosen lr's
+    run1 equals a run with that lr fixed, bit for bit, and run2 trains with it."""
+    options = {"rank": 2, "epochs": 2, "runs": 2}
+    auto = train_lora("text-csv", text_csv_dir, str(tiny_bert), tmp_path / "auto", **options)
+    settings = json.loads((tmp_path / "auto" / "lora.json").read_text())
+    search = settings["lr_search"]
+    assert search["grid"] == list(LR_GRID) and settings["lr"] == search["chosen"] == auto["lora"]["lr"] in LR_GRID
+    assert sorted(p.name for p in (tmp_path / "auto" / "lr_search").iterdir()) == [f"lr{lr:g}" for lr in sorted(LR_GRID)]
+    fixed = train_lora("text-csv", text_csv_dir, str(tiny_bert), tmp_path / "fixed", lr=search["chosen"], **options)
+    assert auto["accuracy"] == fixed["accuracy"] and auto["history"] == fixed["history"]
+    for split in ("run1", "run2"):
+        a, b = (load_weights(run / "splits" / split / "best") for run in (tmp_path / "auto", tmp_path / "fixed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_wavlm_query_key_adapters_get_no_gradient_and_are_refused(tmp_path, audio_folder_dir, tiny_wavlm):

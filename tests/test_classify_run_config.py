@@ -26,9 +26,9 @@ def test_defaults_live_in_the_dataclass_and_the_cli_uses_them():
     for name in ("epochs", "lr", "batch_size", "weight_decay", "loss", "dev_fraction", "seed", "runs", "heads", "dropout", "head",
                  "selection"):
         assert cli_default(train, name) == DecoderRunConfig.default(name)
-    for name in ("epochs", "rank", "alpha", "loraplus_ratio", "weight_decay", "dtype"):
+    for name in ("epochs", "lr", "runs", "selection", "rank", "alpha", "loraplus_ratio", "weight_decay", "dtype"):
         assert cli_default(lora, name) == LoRARunConfig.default(name)
-    assert RunConfig.default("weight_decay") == 0.1 and LoRARunConfig.default("epochs") == 3
+    assert RunConfig.default("weight_decay") == 0.1 and LoRARunConfig.default("epochs") is None  # resolved per task
 
 
 @pytest.mark.parametrize(("cls", "values", "message"), [
@@ -43,7 +43,8 @@ def test_defaults_live_in_the_dataclass_and_the_cli_uses_them():
     (DecoderRunConfig, {"selection": "best"}, "`selection` must be one of best-epoch, last-epoch, got 'best'"),
     (DecoderRunConfig, {"residual": "yes"}, "`residual` must be true or false, got 'yes'"),
     (DecoderRunConfig, {"decoder": "mixture", "residual": True}, "decoder mixture has no residual path"),
-    (LoRARunConfig, {"lr": "auto"}, "`lr` auto is for decoder runs"),
+    (LoRARunConfig, {"lr": "fast"}, "`lr` must be a positive number or auto"),
+    (LoRARunConfig, {"selection": "last"}, "`selection` must be one of best-epoch, last-epoch, got 'last'"),
     (LoRARunConfig, {"plus": True, "loraplus_ratio": 0.5}, "`loraplus_ratio` must be at least 1"),
     (DecoderRunConfig, {"bogus": 1}, "unknown key"),
 ])

@@ -24,6 +24,7 @@ SPEECH_TASKS = ("iemocap", "audio-folder")
 # The paper's experiments; every other task is a user's own data, where `lr` defaults to "auto".
 PAPER_TASKS = ("iemocap", "agnews", "cifar100")
 PAPER_EPOCHS = 35
+LORA_PAPER_EPOCHS = 3  # the paper's LoRA / LoRA+ baselines
 # The paper's budget (35 epochs over 5k-120k items) is thousands of optimizer steps; on a user's few
 # hundred items 35 epochs are a few hundred steps, so the default budget is at least this many steps.
 MIN_TRAIN_STEPS = 500
@@ -59,7 +60,7 @@ SMALL_POOL_ITEMS = 5000
 SMALL_POOL_RUNS = 3
 # The last `LATE_EPOCHS` epochs' mean dev accuracy ranks the lr candidates of a last-epoch run.
 LATE_EPOCHS = 10
-# `lr="auto"`: candidates tried on the first fold/run, the best dev accuracy wins (see training.search_lr).
+# `lr="auto"`: candidates tried on the first fold/run, the best dev accuracy wins (see split_loop.pick_lr).
 LR_GRID = (3e-4, 1e-3, 3e-3)
 
 
@@ -97,10 +98,10 @@ def resolve_lr(lr, manifest: dict) -> float | str:
     return value
 
 
-def default_epochs(num_train_items: int, batch_size: int) -> int:
-    """The paper's 35 epochs, or more when 35 epochs of this training pool are fewer than MIN_TRAIN_STEPS steps."""
+def default_epochs(num_train_items: int, batch_size: int, paper_epochs: int = PAPER_EPOCHS) -> int:
+    """The paper's epochs, or more when they are fewer than MIN_TRAIN_STEPS steps of this training pool."""
     steps_per_epoch = -(-num_train_items // batch_size)
-    return max(PAPER_EPOCHS, -(-MIN_TRAIN_STEPS // steps_per_epoch))
+    return max(paper_epochs, -(-MIN_TRAIN_STEPS // steps_per_epoch))
 
 
 def _task_default(value: Any, manifest: dict, *, paper: Any, user: Any) -> Any:

@@ -11,9 +11,10 @@ Hugging Face WavLM attention hands `q_proj.weight`, `k_proj.weight`, `v_proj.wei
 a gradient; WavLM therefore defaults to its feed-forward `intermediate_dense`/`output_dense`, and any
 adapter that gets no gradient in the first step stops the run with one clear error.
 
-The protocol is the one of `classify train`: the same folds (IEMOCAP) or seeded runs, the best epoch
-picked on a dev split carved from the training pool, and the same `metrics.json` shape, so
-`classify report` puts LoRA rows in the DAT tables.
+The protocol is the one of `classify train`: the same folds (IEMOCAP) or seeded runs, the same dev split
+carved from the training pool, the same data-dependent defaults (`lr` auto, the epoch floor, 3 runs and
+the last epoch on a user's small task; the paper's recipe on its tasks), and the same `metrics.json`
+shape, so `classify report` puts LoRA rows in the DAT tables.
 """
 
 from __future__ import annotations
@@ -32,27 +33,35 @@ from daamkit.classify.datasets import DatasetSplit, TaskData, check_task, in_cac
 from daamkit.classify.encoders import FrozenEncoder, masked_mean
 from daamkit.classify.evaluation import accuracy, accuracy_block, has_utterances, utterance_accuracy
 from daamkit.classify.experiment import (
+    LATE_EPOCHS,
+    LORA_PAPER_EPOCHS,
+    LR_GRID,
     METRICS_FILE,
     check_new_run_folder,
     default_batch_size,
-    default_lr,
+    default_epochs,
+    is_paper_task,
     is_speech,
     make_accelerator,
     plan_splits,
+    resolve_lr,
     resolve_mixed_precision,
+    resolve_runs,
+    resolve_selection,
     resumable_settings,
     split_checkpoint_dir,
 )
 from daamkit.classify.feature_cache import FeatureSplit
 from daamkit.classify.protocol import SplitPlan
 from daamkit.classify.run_config import LoRARunConfig
-from daamkit.classify.split_loop import fit_split, warn_if_collapsed
+from daamkit.classify.split_loop import fit_split, pick_lr, warn_if_collapsed
 from daamkit.infra.checkpoint import atomic_write_json, load_config, load_weights, read_json
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log
 
 LORA_FILE = "lora.json"
+LR_SEARCH_DIR = "lr_search"
 # Model types whose query/key adapters cannot train (see the module docstring) -> modules that do.
 TARGET_PRESETS = {"wavlm": ("intermediate_dense", "output_dense")}
 # Names of the attention query/key projections, tried in order on models without a preset.
@@ -224,13 +233,34 @@ class _Job:
         return LoRAClassifier(adapted, self.encoder.hidden_size, len(self.data.classes), self.encoder.model_inputs)
 
     def train_split(self, base: nn.Module, plan: SplitPlan) -> tuple[list[dict], dict, nn.Module]:
-        """Train one fold/run (or continue it); returns (history, test scores of the best dev epoch, the base back)."""
-        split_job = _LoRASplitJob(self, base, plan)
-        folder = split_checkpoint_dir(self.out_dir, plan.name).parent
-        history = fit_split(split_job, epochs=self.settings["epochs"], lr=self.settings["lr"],
-                            loss=self.settings["loss"], accelerator=self.accelerator, folder=folder,
-                            log_dir=self.out_dir / "tensorboard" / plan.name, label=f"{plan.name} LoRA")
-        model = split_job.model if split_job.model is not None else self.adapt(base, plan.seed)
+        """Train one fold/run (or continue it; with `lr` auto, once per lr of LR_GRID, `pick_lr`); returns
+        (history, test scores of its kept checkpoint, the base model back without adapters)."""
+        s = self.settings
+        selection = s.get("selection", "best-epoch")  # runs saved before `selection` existed kept the best epoch
+
+        def train(lr: float, folder: Path, log_dir: Path, label: str) -> list[dict]:
+            nonlocal base
+            split_job = _LoRASplitJob(self, base, plan)
+            history = fit_split(split_job, epochs=s["epochs"], lr=lr, loss=s["loss"], accelerator=self.accelerator,
+                                folder=folder, log_dir=log_dir, label=label, selection=selection)
+            if split_job.model is not None:
+                base = split_job.model.encoder.unload()
+            return history
+
+        if s["lr"] == "auto":
+            lr, history, dev_scores = pick_lr(
+                lambda lr, folder: train(lr, folder, self.out_dir / "tensorboard" / LR_SEARCH_DIR / folder.name /
+                                         plan.name, f"{plan.name} LoRA lr {lr:g}"),
+                grid=LR_GRID, selection=selection, late_epochs=LATE_EPOCHS, folder=self.out_dir / LR_SEARCH_DIR,
+                best_dir=split_checkpoint_dir(self.out_dir, plan.name), accelerator=self.accelerator)
+            s.update(lr=lr, lr_search={"split": plan.name, "grid": list(LR_GRID), "chosen": lr,
+                                       "dev_accuracy": dev_scores})
+            if self.accelerator.is_main_process:
+                atomic_write_json(self.out_dir / LORA_FILE, s)
+        else:
+            history = train(s["lr"], split_checkpoint_dir(self.out_dir, plan.name).parent,
+                            self.out_dir / "tensorboard" / plan.name, f"{plan.name} LoRA")
+        model = self.adapt(base, plan.seed)
         scores = self.score(model, plan)
         return history, {**scores, "counts": parameter_counts(model)}, model.encoder.unload()
 
@@ -302,7 +332,14 @@ def _open_job(settings: dict, out_dir: Path, cpu: bool) -> tuple[_Job, nn.Module
                            f"{frozen.modality} encoder")
     if "fingerprint" in settings and settings["fingerprint"] != data.fingerprint:
         raise DaamkitError(f"the data in {settings['data']} changed since the LoRA run in {out_dir} was trained")
+    if settings["runs"] is None:  # a new run: resolved against the data like a `classify train` run's
+        pool = data.splits.get("train", next(iter(data.splits.values())))
+        settings["runs"] = resolve_runs(None, {"task": settings["task"], "grouping": data.grouping}, len(pool))
     views, plans = task_plans(data, seed=settings["seed"], runs=settings["runs"], dev_fraction=settings["dev_fraction"])
+    if settings["epochs"] is None:
+        settings["epochs"] = (LORA_PAPER_EPOCHS if is_paper_task(settings) else
+                              default_epochs(min(len(plan.train) for plan in plans), settings["batch_size"],
+                                             paper_epochs=LORA_PAPER_EPOCHS))
     accelerator = make_accelerator(settings["mixed_precision"], cpu=cpu)
     return _Job(data, views, frozen, settings, accelerator, out_dir), frozen.load(), plans
 
@@ -313,7 +350,10 @@ def train_lora(task: Optional[str], data_dir: Optional[str | Path], encoder: Opt
     """Fine-tune `encoder` with LoRA (or LoRA+ with `plus`) on `task`; write the run to `out_dir`, return metrics.
 
     `options` are the fields of `LoRARunConfig`. Folds/runs, seeds and dev splits are those `classify
-    train` uses for the same task data (with the same `max_items`, `seed`, `runs` and `dev_fraction`).
+    train` uses for the same task data (with the same `max_items`, `seed`, `runs` and `dev_fraction`), and so
+    are the defaults resolved against the data: on a user's task `lr` auto (LR_GRID, on the first split),
+    at least MIN_TRAIN_STEPS optimizer steps, 3 runs on a small pool and the last epoch kept; on the paper's
+    tasks the paper's recipe (lr 1e-4, 5e-5 for Llama; 3 epochs; one run; the best dev epoch).
     `target_modules` defaults to the attention query/key projections (WavLM: its feed-forward, see the
     module docstring). With `resume`, the run saved in `out_dir` continues with its settings (`task`,
     `data_dir`, `encoder` and `options` unused; its data must be unchanged): finished folds/runs are kept and
@@ -326,7 +366,7 @@ def train_lora(task: Optional[str], data_dir: Optional[str | Path], encoder: Opt
     else:
         settings = _new_settings(task, data_dir, encoder, trust_remote_code, LoRARunConfig(**options))
         check_new_run_folder(out_dir, LORA_FILE, overwrite)
-        for folder in ("splits", "tensorboard"):  # a new run never continues an old one's epochs
+        for folder in ("splits", "tensorboard", LR_SEARCH_DIR):  # a new run never continues an old one's epochs
             shutil.rmtree(out_dir / folder, ignore_errors=True)
         (out_dir / METRICS_FILE).unlink(missing_ok=True)
         job, base, plans = _open_job(settings, out_dir, cpu)
@@ -335,7 +375,9 @@ def train_lora(task: Optional[str], data_dir: Optional[str | Path], encoder: Opt
                          "fingerprint": job.data.fingerprint, "target_modules": targets})
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / LORA_FILE, settings)
-    log(f"{settings['method']} on {job.encoder.name}: adapting {', '.join(settings['target_modules'])}"
+    log(f"{settings['method']} on {job.encoder.name}: adapting {', '.join(settings['target_modules'])}, "
+        f"{settings['epochs']} epochs, lr {settings['lr']}, batch {settings['batch_size']}, keeps the "
+        f"{settings.get('selection', 'best-epoch')}, {len(plans)} {'fold' if job.data.grouping else 'seeded run'}(s)"
         + (" (resumed)" if resume else ""))
     history, scores = {}, []
     for plan in plans:
@@ -359,7 +401,8 @@ def _new_settings(task: Optional[str], data_dir: Optional[str | Path], encoder: 
         **config.to_dict(), "config": config.to_dict(), "task": task, "data": str(Path(data_dir).resolve()),
         "encoder_path": encoder, "trust_remote_code": trust_remote_code,
         "loraplus_ratio": config.loraplus_ratio if config.plus else None,
-        "lr": config.lr if config.lr is not None else default_lr(task_info),
+        "lr": resolve_lr(config.lr, task_info),
+        "selection": resolve_selection(config.selection, task_info),
         "batch_size": config.batch_size or default_batch_size(task_info),
         "loss": ("focal" if is_speech(task_info) else "ce") if config.loss == "auto" else config.loss,
         "mixed_precision": resolve_mixed_precision(config.mixed_precision),

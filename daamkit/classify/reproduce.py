@@ -22,12 +22,11 @@ from typing import Optional
 from daamkit.classify.ablation import render_markdown as render_ablation
 from daamkit.classify.ablation import run_ablation
 from daamkit.classify.decoders import DENSITY_DECODERS, REGISTRY, TABLE_DECODERS, decoder_config
-from daamkit.classify.experiment import METRICS_FILE, PAPER_EPOCHS, RUN_FILE, default_lr
+from daamkit.classify.experiment import LORA_PAPER_EPOCHS, METRICS_FILE, PAPER_EPOCHS, RUN_FILE, default_lr
 from daamkit.classify.extract import extract_features
 from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.lora import LORA_FILE, train_lora
 from daamkit.classify.report import build_report, render_markdown
-from daamkit.classify.run_config import LoRARunConfig
 from daamkit.classify.training import train_decoder
 from daamkit.infra.checkpoint import atomic_write_json, read_json
 from daamkit.infra.errors import DaamkitError
@@ -39,7 +38,7 @@ METHODS = (*TABLE_DECODERS, *LORA_METHODS, "ablation")
 GROUPED_TASKS = ("iemocap",)  # leave-one-session-out folds instead of seeded runs
 SETTINGS_FILE = "reproduce.json"
 QUICK = {"epochs": 2, "lora_epochs": 1, "runs": 1, "max_items": 64}
-FULL = {"epochs": PAPER_EPOCHS, "lora_epochs": LoRARunConfig.epochs, "runs": 3, "max_items": None}
+FULL = {"epochs": PAPER_EPOCHS, "lora_epochs": LORA_PAPER_EPOCHS, "runs": 3, "max_items": None}
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ class RunConfig:
     loss: str = "auto"
     dev_fraction: float = DEFAULT_DEV_FRACTION
     seed: int = 0
-    runs: int = 1
+    runs: Optional[int] = None  # None: see experiment.resolve_runs (3 on a user's small train/test task)
+    selection: Optional[str] = None  # None: see experiment.resolve_selection (last-epoch on a user's task)
     mixed_precision: str = "auto"
     method: Optional[str] = None
 
@@ -50,6 +51,8 @@ class RunConfig:
         _positive_int(self.epochs, "epochs", optional=True)
         _positive_int(self.batch_size, "batch_size", optional=True)
         _positive_int(self.runs, "runs", optional=True)
+        _require(self.selection is None or self.selection in SELECTIONS,
+                 f"`selection` must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), f"`seed` must be an integer, got {self.seed!r}")
         _require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
                  f"`weight_decay` must be a number >= 0, got {self.weight_decay!r}")
@@ -90,14 +93,12 @@ class RunConfig:
 class DecoderRunConfig(RunConfig):
     """A DAT decoder run (`classify train`): the decoder and the layers it reads."""
 
-    runs: Optional[int] = None  # None: see experiment.resolve_runs (3 on a user's small train/test task)
     decoder: str = "daam-v1"
     layers: Optional[str] = None
     heads: Optional[int] = None
     gaussians: Optional[int] = None
     dropout: Optional[float] = None
     head: Optional[str] = None
-    selection: Optional[str] = None
     residual: Optional[bool] = None
     compile: bool = False
 
@@ -110,8 +111,6 @@ class DecoderRunConfig(RunConfig):
         _positive_int(self.gaussians, "gaussians", optional=True)
         _require(self.head is None or self.head in HEADS,
                  f"`head` must be one of {', '.join(HEADS)}, got {self.head!r}")
-        _require(self.selection is None or self.selection in SELECTIONS,
-                 f"`selection` must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         _require(self.residual is None or isinstance(self.residual, bool),
                  f"`residual` must be true or false, got {self.residual!r}")
         _require(not self.residual or check_decoder(self.decoder).residual,
@@ -123,9 +122,9 @@ class DecoderRunConfig(RunConfig):
 
 @dataclass(frozen=True)
 class LoRARunConfig(RunConfig):
-    """A LoRA / LoRA+ run (`classify lora`): adapters on the encoder plus a linear head (paper: 3 epochs)."""
+    """A LoRA / LoRA+ run (`classify lora`): adapters on the encoder plus a linear head. `epochs` None is the
+    paper's 3 on its tasks and at least `MIN_TRAIN_STEPS` steps on a user's (experiment.default_epochs)."""
 
-    epochs: Optional[int] = 3
     rank: int = 8
     alpha: float = 16.0
     plus: bool = False
@@ -136,12 +135,10 @@ class LoRARunConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive_int(self.runs, "runs")  # LoRA keeps the paper's recipe: one run unless asked
         _positive_int(self.rank, "rank")
         _require(isinstance(self.alpha, (int, float)) and self.alpha > 0, f"`alpha` must be positive, got {self.alpha!r}")
         _require(not self.plus or self.loraplus_ratio >= 1,
                  f"`loraplus_ratio` must be at least 1 (lr of B / lr of A), got {self.loraplus_ratio!r}")
         _positive_int(self.max_items, "max_items", optional=True)
-        _require(not isinstance(self.lr, str), "`lr` auto is for decoder runs; give LoRA a number")
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))

@@ -14,13 +14,16 @@ prediction (`collapsed`): on a user's few hundred items a density decoder with d
 does, and its test accuracy (22-44 % on the README walkthrough's sets) then says little about the decoder.
 The runs name such splits (`warn_if_collapsed`) instead of leaving a low accuracy unexplained.
 
-What differs between a DAT decoder and a LoRA model lives behind `SplitJob`.
+What differs between a DAT decoder and a LoRA model lives behind `SplitJob`; both pick `lr` auto the same
+way (`pick_lr`).
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Iterable, Protocol
+from statistics import fmean
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -163,6 +166,29 @@ def fit_split(job: SplitJob, *, epochs: int, lr: float, loss: str, accelerator, 
         atomic_write_json(folder / HISTORY_FILE, history)
     accelerator.wait_for_everyone()
     return history
+
+
+def pick_lr(train: Callable[[float, Path], list[dict]], *, grid: Sequence[float], selection: str,
+              late_epochs: int, folder: Path, best_dir: Path, accelerator) -> tuple[float, list[dict], dict[str, float]]:
+    """`lr` auto for one fold/run: `train(lr, folder / "lr<lr>")` once per lr of `grid` (each candidate resumes
+    like any split), and keep the winner: with best-epoch selection the highest best-epoch dev accuracy, with
+    last-epoch selection the highest mean dev accuracy over the last `late_epochs` epochs (the converged
+    model, not one lucky epoch); ties go to the higher mean dev accuracy over all epochs. The winner's kept
+    checkpoint is copied to `best_dir`. Returns (its lr, its history, every candidate's dev score)."""
+    results = []
+    for lr in grid:
+        history = train(lr, folder / f"lr{lr:g}")
+        dev = [record["dev_accuracy"] for record in history]
+        score = max(dev) if selection == "best-epoch" else fmean(dev[-late_epochs:])
+        results.append((score, fmean(dev), lr, history))
+    _, _, lr, history = max(results, key=lambda result: result[:2])
+    if accelerator.is_main_process:
+        shutil.rmtree(best_dir, ignore_errors=True)
+        shutil.copytree(folder / f"lr{lr:g}" / "best", best_dir)
+    accelerator.wait_for_everyone()
+    scores = {f"{result[2]:g}": result[0] for result in results}
+    log(f"lr auto: {lr:g} (dev accuracy " + ", ".join(f"{name}: {score:.3f}" for name, score in scores.items()) + ")")
+    return lr, history, scores
 
 
 def _add_counts(counts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.importance import IMPORTANCE_DIR, write_importance
 from daamkit.classify.protocol import SplitPlan, parse_layers
 from daamkit.classify.run_config import DecoderRunConfig
-from daamkit.classify.split_loop import fit_split, warn_if_collapsed
+from daamkit.classify.split_loop import fit_split, pick_lr, warn_if_collapsed
 from daamkit.infra.checkpoint import atomic_write_json
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
@@ -169,39 +169,26 @@ def _method(config: DecoderRunConfig) -> str:
 
 
 def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
-    """`lr="auto"`: train `plan` once per learning rate of LR_GRID, keep the best by dev accuracy.
-
-    The winner (best-epoch runs: the highest best-epoch dev accuracy; last-epoch runs: the highest mean dev
-    accuracy over the last LATE_EPOCHS epochs, i.e. of the converged model, not of one lucky epoch; ties go
-    to the higher mean dev accuracy over all epochs) becomes the run's `lr` in run.json, its checkpoint is
-    the split's checkpoint, and every later split trains with it. Cost: len(LR_GRID) trainings of the first split.
-    """
+    """`lr="auto"`: train `plan` once per learning rate of LR_GRID (`split_loop.pick_lr`); the winner becomes
+    the run's `lr` in run.json, its checkpoint the split's, and every later split trains with it. Cost:
+    len(LR_GRID) trainings of the first split."""
     run = context.run
-    results = []
-    for lr in LR_GRID:
-        folder = context.run_dir / LR_SEARCH_DIR / f"lr{lr:g}"
-        history = fit_split(_DecoderJob(context, plan, accelerator), epochs=run["epochs"], lr=lr, loss=run["loss"],
-                            accelerator=accelerator, folder=folder,
-                            log_dir=context.run_dir / "tensorboard" / LR_SEARCH_DIR / f"lr{lr:g}" / plan.name,
-                            label=f"{plan.name} lr {lr:g}", selection=context.selection)
-        dev = [record["dev_accuracy"] for record in history]
-        score = max(dev) if context.selection == "best-epoch" else fmean(dev[-LATE_EPOCHS:])
-        results.append({"lr": lr, "dev_accuracy": score, "mean_dev_accuracy": fmean(dev),
-                        "history": history, "folder": folder})
-    winner = max(results, key=lambda r: (r["dev_accuracy"], r["mean_dev_accuracy"]))
+
+    def train(lr: float, folder: Path) -> list[dict]:
+        return fit_split(_DecoderJob(context, plan, accelerator), epochs=run["epochs"], lr=lr, loss=run["loss"],
+                         accelerator=accelerator, folder=folder,
+                         log_dir=context.run_dir / "tensorboard" / LR_SEARCH_DIR / folder.name / plan.name,
+                         label=f"{plan.name} lr {lr:g}", selection=context.selection)
+
+    lr, history, scores = pick_lr(train, grid=LR_GRID, selection=context.selection, late_epochs=LATE_EPOCHS,
+                                  folder=context.run_dir / LR_SEARCH_DIR, best_dir=context.checkpoint_dir(plan.name),
+                                  accelerator=accelerator)
+    run["lr"] = lr
     if accelerator.is_main_process:
-        target = context.checkpoint_dir(plan.name)
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(winner["folder"] / "best", target)
-        run["lr"] = winner["lr"]
-        run["lr_search"] = {"split": plan.name, "grid": list(LR_GRID), "chosen": winner["lr"],
-                            "dev_accuracy": {f"{r['lr']:g}": r["dev_accuracy"] for r in results}}
+        run["lr_search"] = {"split": plan.name, "grid": list(LR_GRID), "chosen": lr, "dev_accuracy": scores}
         atomic_write_json(context.run_dir / RUN_FILE, run)
     accelerator.wait_for_everyone()
-    run["lr"] = winner["lr"]
-    log(f"lr auto: {winner['lr']:g} (dev accuracy " +
-        ", ".join(f"{r['lr']:g}: {r['dev_accuracy']:.3f}" for r in results) + ")")
-    return winner["history"]
+    return history
 
 
 def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
