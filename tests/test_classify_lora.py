@@ -156,6 +156,8 @@ def test_lora_lr_auto_keeps_the_best_candidate_and_trains_it_as_a_fixed_lr_would
     search = settings["lr_search"]
     assert search["grid"] == list(LR_GRID) and settings["lr"] == search["chosen"] == auto["lora"]["lr"] in LR_GRID
     assert sorted(p.name for p in (tmp_path / "auto" / "lr_search").iterdir()) == [f"lr{lr:g}" for lr in sorted(LR_GRID)]
+    # the winner's history is run1's, so a resumed run would not train run1 again
+    assert json.loads((tmp_path / "auto" / "splits" / "run1" / "history.json").read_text()) == auto["history"]["run1"]
     fixed = train_lora("text-csv", text_csv_dir, str(tiny_bert), tmp_path / "fixed", lr=search["chosen"], **options)
     assert auto["accuracy"] == fixed["accuracy"] and auto["history"] == fixed["history"]
     for split in ("run1", "run2"):

@@ -248,13 +248,12 @@ class _Job:
             return history
 
         if s["lr"] == "auto":
-            lr, history, dev_scores = pick_lr(
+            lr, history, search = pick_lr(
                 lambda lr, folder: train(lr, folder, self.out_dir / "tensorboard" / LR_SEARCH_DIR / folder.name /
                                          plan.name, f"{plan.name} LoRA lr {lr:g}"),
                 grid=LR_GRID, selection=selection, late_epochs=LATE_EPOCHS, folder=self.out_dir / LR_SEARCH_DIR,
-                best_dir=split_checkpoint_dir(self.out_dir, plan.name), accelerator=self.accelerator)
-            s.update(lr=lr, lr_search={"split": plan.name, "grid": list(LR_GRID), "chosen": lr,
-                                       "dev_accuracy": dev_scores})
+                split_dir=split_checkpoint_dir(self.out_dir, plan.name).parent, accelerator=self.accelerator)
+            s.update(lr=lr, lr_search=search)
             if self.accelerator.is_main_process:
                 atomic_write_json(self.out_dir / LORA_FILE, s)
         else:

@@ -168,13 +168,14 @@ def fit_split(job: SplitJob, *, epochs: int, lr: float, loss: str, accelerator, 
     return history
 
 
-def pick_lr(train: Callable[[float, Path], list[dict]], *, grid: Sequence[float], selection: str,
-              late_epochs: int, folder: Path, best_dir: Path, accelerator) -> tuple[float, list[dict], dict[str, float]]:
+def pick_lr(train: Callable[[float, Path], list[dict]], *, grid: Sequence[float], selection: str, late_epochs: int,
+            folder: Path, split_dir: Path, accelerator) -> tuple[float, list[dict], dict]:
     """`lr` auto for one fold/run: `train(lr, folder / "lr<lr>")` once per lr of `grid` (each candidate resumes
     like any split), and keep the winner: with best-epoch selection the highest best-epoch dev accuracy, with
     last-epoch selection the highest mean dev accuracy over the last `late_epochs` epochs (the converged
     model, not one lucky epoch); ties go to the higher mean dev accuracy over all epochs. The winner's kept
-    checkpoint is copied to `best_dir`. Returns (its lr, its history, every candidate's dev score)."""
+    checkpoint and history become the split's (`split_dir`), so a resumed run does not train it again.
+    Returns (its lr, its history, the search record for the run's settings file)."""
     results = []
     for lr in grid:
         history = train(lr, folder / f"lr{lr:g}")
@@ -183,12 +184,13 @@ def pick_lr(train: Callable[[float, Path], list[dict]], *, grid: Sequence[float]
         results.append((score, fmean(dev), lr, history))
     _, _, lr, history = max(results, key=lambda result: result[:2])
     if accelerator.is_main_process:
-        shutil.rmtree(best_dir, ignore_errors=True)
-        shutil.copytree(folder / f"lr{lr:g}" / "best", best_dir)
+        shutil.rmtree(split_dir / "best", ignore_errors=True)
+        shutil.copytree(folder / f"lr{lr:g}" / "best", split_dir / "best")
+        atomic_write_json(split_dir / HISTORY_FILE, history)
     accelerator.wait_for_everyone()
     scores = {f"{result[2]:g}": result[0] for result in results}
     log(f"lr auto: {lr:g} (dev accuracy " + ", ".join(f"{name}: {score:.3f}" for name, score in scores.items()) + ")")
-    return lr, history, scores
+    return lr, history, {"split": split_dir.name, "grid": list(grid), "chosen": lr, "dev_accuracy": scores}
 
 
 def _add_counts(counts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

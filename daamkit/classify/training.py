@@ -180,12 +180,11 @@ def search_lr(context: RunContext, plan: SplitPlan, accelerator) -> list[dict]:
                          log_dir=context.run_dir / "tensorboard" / LR_SEARCH_DIR / folder.name / plan.name,
                          label=f"{plan.name} lr {lr:g}", selection=context.selection)
 
-    lr, history, scores = pick_lr(train, grid=LR_GRID, selection=context.selection, late_epochs=LATE_EPOCHS,
-                                  folder=context.run_dir / LR_SEARCH_DIR, best_dir=context.checkpoint_dir(plan.name),
-                                  accelerator=accelerator)
-    run["lr"] = lr
+    lr, history, search = pick_lr(train, grid=LR_GRID, selection=context.selection, late_epochs=LATE_EPOCHS,
+                                  folder=context.run_dir / LR_SEARCH_DIR,
+                                  split_dir=context.checkpoint_dir(plan.name).parent, accelerator=accelerator)
+    run.update(lr=lr, lr_search=search)
     if accelerator.is_main_process:
-        run["lr_search"] = {"split": plan.name, "grid": list(LR_GRID), "chosen": lr, "dev_accuracy": scores}
         atomic_write_json(context.run_dir / RUN_FILE, run)
     accelerator.wait_for_everyone()
     return history
