@@ -75,6 +75,13 @@ def extract(
 
 _DECODER_HELP = "linear | mha | mha-bn | gqa | daam-v1 | daam-v2 | gqdaam | mixture | conv-head (no attention)"
 _MP_HELP = "auto (bf16/fp16 on GPU, none on CPU) | no | fp16 | bf16"
+# Options `classify train` and `classify lora` share, resolved the same way against the data.
+_LR_HELP = ("Learning rate or auto (3e-4, 1e-3 or 3e-3, by dev accuracy on the first split) [default: auto on "
+            "your own data; the paper's 1e-4 (5e-5 for Llama) on iemocap/agnews/cifar100].")
+_RUNS_HELP = ("Repeated runs with different seeds (train/test tasks) [default: 3 on your own data under 5,000 "
+              "training items, else 1].")
+_SELECTION_HELP = ("Checkpoint kept per fold/run: best-epoch (highest dev accuracy) | last-epoch [default: "
+                   "last-epoch on your own data; best-epoch, the paper's, on iemocap/agnews/cifar100].")
 
 
 def _echo_json(obj) -> None:
@@ -92,15 +99,10 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder to write (metrics, checkpoints, logs)."),
     epochs: Optional[int] = typer.Option(
         _R("epochs"), "--epochs", help="Epochs per fold/run [default: 35, more on small data: at least 500 steps]."),
-    lr: Optional[str] = typer.Option(
-        _R("lr"), "--lr", help="Learning rate or auto (3e-4, 1e-3 or 3e-3, by dev accuracy on the first split) "
-        "[default: auto on your own data; the paper's 1e-4 (5e-5 for "
-        "Llama) on iemocap/agnews/cifar100]."),
+    lr: Optional[str] = typer.Option(_R("lr"), "--lr", help=_LR_HELP),
     batch_size: Optional[int] = typer.Option(_R("batch_size"), "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
     seed: int = typer.Option(_R("seed"), "--seed", help="Seed of the first run; run r uses seed + r."),
-    runs: Optional[int] = typer.Option(
-        _R("runs"), "--runs", help="Repeated runs with different seeds (train/test tasks) [default: 3 on your own "
-        "data under 5,000 training items, else 1]."),
+    runs: Optional[int] = typer.Option(_R("runs"), "--runs", help=_RUNS_HELP),
     layers: Optional[str] = typer.Option(
         _R("layers"), "--layers", help="Encoder layers to train on, e.g. 9 or 19-21 [default: all; linear: the last]."),
     heads: Optional[int] = typer.Option(
@@ -117,9 +119,7 @@ def train(
         _R("residual"), "--residual/--no-residual", help="Add the input to the attention output of mha, mha-bn, gqa, "
         "gqdaam, daam-v1 and daam-v2 (DAAM: x + x * gate) [default: on for them on your own data; off, as in the "
         "paper, on iemocap/agnews/cifar100]."),
-    selection: Optional[str] = typer.Option(
-        _R("selection"), "--selection", help="Checkpoint kept per fold/run: best-epoch (highest dev accuracy) | "
-        "last-epoch [default: last-epoch on your own data; best-epoch, the paper's, on iemocap/agnews/cifar100]."),
+    selection: Optional[str] = typer.Option(_R("selection"), "--selection", help=_SELECTION_HELP),
     dev_fraction: float = typer.Option(_R("dev_fraction"), "--dev-fraction", help="Share of the training pool held out as dev."),
     loss: str = typer.Option(_R("loss"), "--loss", help="auto (focal for speech, else ce) | focal | ce"),
     weight_decay: float = typer.Option(_R("weight_decay"), "--weight-decay", help="AdamW weight decay."),
@@ -230,17 +230,11 @@ def lora(
     epochs: Optional[int] = typer.Option(
         _L("epochs"), "--epochs", help="Epochs per fold/run [default: the paper's 3 on iemocap/agnews/cifar100; on "
         "your own data at least 500 steps, as classify train]."),
-    lr: Optional[str] = typer.Option(
-        _L("lr"), "--lr", help="Learning rate or auto (3e-4, 1e-3 or 3e-3, by dev accuracy on the first split) "
-        "[default: auto on your own data; the paper's 1e-4 (5e-5 for Llama) on iemocap/agnews/cifar100]."),
+    lr: Optional[str] = typer.Option(_L("lr"), "--lr", help=_LR_HELP),
     batch_size: Optional[int] = typer.Option(_L("batch_size"), "--batch-size", help="[default: 8 for speech, 32 otherwise]"),
     seed: int = typer.Option(_L("seed"), "--seed", help="Seed of the first run; run r uses seed + r (as classify train)."),
-    runs: Optional[int] = typer.Option(
-        _L("runs"), "--runs", help="Repeated runs with different seeds (train/test tasks) [default: as classify "
-        "train: 3 on your own data under 5,000 training items, else 1]."),
-    selection: Optional[str] = typer.Option(
-        _L("selection"), "--selection", help="Checkpoint kept per fold/run: best-epoch | last-epoch [default: as "
-        "classify train: last-epoch on your own data, best-epoch on iemocap/agnews/cifar100]."),
+    runs: Optional[int] = typer.Option(_L("runs"), "--runs", help=_RUNS_HELP),
+    selection: Optional[str] = typer.Option(_L("selection"), "--selection", help=_SELECTION_HELP),
     dev_fraction: float = typer.Option(_L("dev_fraction"), "--dev-fraction", help="Share of the training pool held out as dev."),
     loss: str = typer.Option(_L("loss"), "--loss", help="auto (focal for speech, else ce) | focal | ce"),
     weight_decay: float = typer.Option(_L("weight_decay"), "--weight-decay", help="AdamW weight decay."),
