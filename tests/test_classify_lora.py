@@ -147,9 +147,11 @@ def test_lora_defaults_resolve_against_the_task_as_classify_train_does(tmp_path,
     assert resolved["text-csv"]["epochs"] * -(-train_items // 32) >= MIN_TRAIN_STEPS
 
 
-def test_lora_lr_auto_keeps_the_best_candidate_and_trains_it_as_a_fixed_lr_would(tmp_path, text_csv_dir, tiny_bert):
+def test_lora_lr_auto_keeps_the_best_candidate_and_trains_it_as_a_fixed_lr_would(tmp_path, text_csv_dir, tiny_bert,
+                                                                                  monkeypatch):
     """Every candidate adapts the same base model afresh (adapters removed between them): the chosen lr's
-    run1 equals a run with that lr fixed, bit for bit, and run2 trains with it."""
+    run1 equals a run with that lr fixed, bit for bit, and run2 trains with it; a run interrupted inside the
+    search and resumed ends the same."""
     options = {"rank": 2, "epochs": 2, "runs": 2}
     auto = train_lora("text-csv", text_csv_dir, str(tiny_bert), tmp_path / "auto", **options)
     settings = json.loads((tmp_path / "auto" / "lora.json").read_text())
@@ -163,6 +165,19 @@ def test_lora_lr_auto_keeps_the_best_candidate_and_trains_it_as_a_fixed_lr_would
     for split in ("run1", "run2"):
         a, b = (load_weights(run / "splits" / split / "best") for run in (tmp_path / "auto", tmp_path / "fixed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    original, calls = lora.accuracy, []
+
+    def accuracy(*args):  # the first candidate's 2 dev epochs, then stop at the second candidate's first
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(lora, "accuracy", accuracy)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora("text-csv", text_csv_dir, str(tiny_bert), tmp_path / "cut", **options)
+    monkeypatch.setattr(lora, "accuracy", original)
+    assert train_lora(None, None, None, tmp_path / "cut", resume=True) == auto
 
 
 def test_wavlm_query_key_adapters_get_no_gradient_and_are_refused(tmp_path, audio_folder_dir, tiny_wavlm):
