@@ -233,6 +233,15 @@ def test_text_csv_header_in_any_case_and_rows_without_text_or_label_skipped_and_
     assert "train.csv: skipped 2 row(s) with an empty text or label (line(s) 3, 4)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_text_csv_exported_with_semicolons_or_tabs_is_read(tmp_path, delimiter):
+    for split in ("train", "test"):
+        rows = ["id", "label", "text"], ["1", "pos", "first, with a comma"], ["2", "neg", "second"]
+        (tmp_path / f"{split}.csv").write_text("".join(delimiter.join(row) + "\n" for row in rows))
+    data = load_task("text-csv", tmp_path)
+    assert data.classes == ["neg", "pos"] and data.splits["train"].load(0) == "first, with a comma"
+
+
 @pytest.mark.parametrize("content, message", [
     ('text,label\nok,pos\n\n"a\nb",pos,extra\n', r"train.csv:4: 3 field\(s\) where the header has 2; a text with a comma"),
     ('text,label\nok,pos\n"never closed,neg\nlast,pos\n', r"train.csv:3: 1 field\(s\) where the header has 2"),

@@ -8,8 +8,8 @@ Tasks (`load_task(task, data_dir)`):
 - `agnews`: `train.csv` / `test.csv` without header: class 1-4, title, description (text = title + " " +
   description).
 - `cifar100`: the `cifar-100-python/` pickles (`train`, `test`, `meta`), 100 fine labels.
-- `text-csv`: `train.csv` / `test.csv` (UTF-8) with a header and columns `text` and `label` (any case, other
-  columns ignored); rows with an empty text or label are skipped and counted.
+- `text-csv`: `train.csv` / `test.csv` (UTF-8; `,`, `;` or tab-separated) with a header and columns `text`
+  and `label` (any case, other columns ignored); rows with an empty text or label are skipped and counted.
 - `image-folder` / `audio-folder`: `DIR/train/<class>/*` and `DIR/test/<class>/*`; images that cannot be
   decoded and audio files that cannot be read or hold no samples are skipped and counted.
 
@@ -250,12 +250,12 @@ def _require_files(root: Path, names: tuple[str, ...]) -> None:
             raise DaamkitError(f"{root / name} is missing")
 
 
-def _csv_rows(path: Path):
+def _csv_rows(path: Path, delimiter: str = ","):
     """(first line number, fields) of every non-blank row of a UTF-8 CSV file (a BOM, as Excel's "CSV UTF-8"
     writes, is dropped); a file in another encoding or with broken quoting is one DaamkitError line."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
+            reader = csv.reader(handle, delimiter=delimiter)
             start = 1
             for row in reader:
                 if any(field.strip() for field in row):
@@ -297,11 +297,26 @@ def _sorted_labels(names: set[str]) -> list[str]:
     return sorted(names)
 
 
+def _header_delimiter(path: Path) -> str:
+    """`,`, or the `;` or tab that splits the header line into names including text and label (spreadsheets in
+    some locales export CSV with semicolons)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            header = handle.readline()
+    except UnicodeDecodeError:
+        return ","  # `_csv_rows` says what is wrong with the file
+    for delimiter in (",", ";", "\t"):
+        if {"text", "label"} <= {name.strip().strip('"').lower() for name in header.split(delimiter)}:
+            return delimiter
+    return ","
+
+
 def _text_csv_rows(path: Path) -> list[tuple[int, str, str]]:
     """(line number, text, label) of a text-csv file. The header's `text` and `label` are found whatever their
-    case and surrounding spaces; a row with another number of fields than the header is refused (usually a
-    text with an unquoted comma); rows with an empty text or label are skipped and counted."""
-    rows = _csv_rows(path)
+    case and surrounding spaces, with `,`, `;` or a tab between fields; a row with another number of fields
+    than the header is refused (usually a text with an unquoted comma); rows with an empty text or label are
+    skipped and counted."""
+    rows = _csv_rows(path, _header_delimiter(path))
     _, header = next(rows, (1, []))
     names = [name.strip().lower() for name in header]
     missing = [column for column in ("text", "label") if column not in names]
