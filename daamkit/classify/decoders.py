@@ -273,7 +273,7 @@ def decoder_config(
     if spec.one_layer:
         if num_layers != 1:
             raise DaamkitError(f"decoder {decoder} reads one layer's pooled features, got {num_layers} layers; "
-                               "choose one with `layers` (e.g. 12) or leave it unset for the last one")
+                               "choose one with `layers` or leave it unset for the last one")
         if head == "conv":
             raise DaamkitError(f"decoder {decoder} is one Linear layer and has no conv head; leave `head` unset")
         return DecoderConfig(decoder, num_layers, hidden_size, num_classes, None, gaussians, dropout, "linear")
