@@ -236,7 +236,7 @@ class _Job:
         """Train one fold/run (or continue it; with `lr` auto, once per lr of LR_GRID, `pick_lr`); returns
         (history, test scores of its kept checkpoint, the base model back without adapters)."""
         s = self.settings
-        selection = s.get("selection", "best-epoch")  # runs saved before `selection` existed kept the best epoch
+        selection = s["selection"]
 
         def train(lr: float, folder: Path, log_dir: Path, label: str) -> list[dict]:
             nonlocal base
@@ -331,6 +331,7 @@ def _open_job(settings: dict, out_dir: Path, cpu: bool) -> tuple[_Job, nn.Module
                            f"{frozen.modality} encoder")
     if "fingerprint" in settings and settings["fingerprint"] != data.fingerprint:
         raise DaamkitError(f"the data in {settings['data']} changed since the LoRA run in {out_dir} was trained")
+    settings.setdefault("selection", "best-epoch")  # runs saved before `selection` existed kept the best epoch
     if settings["runs"] is None:  # a new run: resolved against the data like a `classify train` run's
         pool = data.splits.get("train", next(iter(data.splits.values())))
         settings["runs"] = resolve_runs(None, {"task": settings["task"], "grouping": data.grouping}, len(pool))
@@ -376,7 +377,7 @@ def train_lora(task: Optional[str], data_dir: Optional[str | Path], encoder: Opt
         atomic_write_json(out_dir / LORA_FILE, settings)
     log(f"{settings['method']} on {job.encoder.name}: adapting {', '.join(settings['target_modules'])}, "
         f"{settings['epochs']} epochs, lr {settings['lr']}, batch {settings['batch_size']}, keeps the "
-        f"{settings.get('selection', 'best-epoch')}, {len(plans)} {'fold' if job.data.grouping else 'seeded run'}(s)"
+        f"{settings['selection']}, {len(plans)} {'fold' if job.data.grouping else 'seeded run'}(s)"
         + (" (resumed)" if resume else ""))
     history, scores = {}, []
     for plan in plans:
