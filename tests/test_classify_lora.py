@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from daamkit.classify import lora
+from daamkit.classify import lora, split_loop
 from daamkit.classify.encoders import FrozenEncoder
 from daamkit.classify.experiment import LORA_PAPER_EPOCHS, LR_GRID, MIN_TRAIN_STEPS, SMALL_POOL_RUNS, default_epochs
 from daamkit.classify.lora import default_target_modules, train_lora
@@ -100,29 +100,31 @@ def test_resume_continues_an_interrupted_lora_run_exactly(tmp_path, agnews_dir, 
     """Interrupted inside run 2, refused as a new run, resumed from the CLI: the result of one go, bit for bit."""
     options = {"rank": 2, "epochs": 3, "runs": 2, "lr": 1e-2}
     full = train_lora("agnews", agnews_dir, str(tiny_bert), tmp_path / "full", **options)
-    original, calls = lora.accuracy, []
+    original, calls = split_loop.dev_scores, []
 
-    def accuracy(*args):  # run1: dev epochs 1-3, then its test score; run2: dev epoch 1, then stop
-        calls.append(1)
-        if len(calls) == 6:
+    def dev_scores(*args):  # run1: dev epochs 1-3; run2: dev epoch 1, then stop
+        calls.append("dev")
+        if len(calls) == 5:
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(lora, "accuracy", accuracy)
+    monkeypatch.setattr(split_loop, "dev_scores", dev_scores)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         train_lora("agnews", agnews_dir, str(tiny_bert), out, **options)
     assert (out / "splits" / "run1" / "history.json").is_file()
     assert not (out / "splits" / "run2" / "history.json").exists()
     calls.clear()
-    monkeypatch.setattr(lora, "accuracy", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(split_loop, "dev_scores", lambda *args: calls.append("dev") or original(*args))
+    test_score = lora.accuracy
+    monkeypatch.setattr(lora, "accuracy", lambda *args: calls.append("test") or test_score(*args))
     common = ["classify", "lora", "--out", str(out), "--quiet"]
     result = runner.invoke(app, [*common, "--task", "agnews", "--data", str(agnews_dir), "--encoder", str(tiny_bert)])
     assert result.exit_code == 2 and "pass --resume to continue it" in result.stderr
     result = runner.invoke(app, [*common, "--resume", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == full
-    assert len(calls) == 4  # run2's dev epochs 2 and 3 (not 1 again: it continued), the two test scores
+    assert sorted(calls) == ["dev", "dev", "test", "test"]  # run2's dev epochs 2 and 3 (not 1 again), 2 test scores
     for split in ("run1", "run2"):
         resumed, straight = (load_weights(run / "splits" / split / "best") for run in (out, tmp_path / "full"))
         assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -165,18 +167,18 @@ def test_lora_lr_auto_keeps_the_best_candidate_and_trains_it_as_a_fixed_lr_would
     for split in ("run1", "run2"):
         a, b = (load_weights(run / "splits" / split / "best") for run in (tmp_path / "auto", tmp_path / "fixed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    original, calls = lora.accuracy, []
+    original, calls = split_loop.dev_scores, []
 
-    def accuracy(*args):  # the first candidate's 2 dev epochs, then stop at the second candidate's first
+    def dev_scores(*args):  # the first candidate's 2 dev epochs, then stop at the second candidate's first
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(lora, "accuracy", accuracy)
+    monkeypatch.setattr(split_loop, "dev_scores", dev_scores)
     with pytest.raises(KeyboardInterrupt):
         train_lora("text-csv", text_csv_dir, str(tiny_bert), tmp_path / "cut", **options)
-    monkeypatch.setattr(lora, "accuracy", original)
+    monkeypatch.setattr(split_loop, "dev_scores", original)
     assert train_lora(None, None, None, tmp_path / "cut", resume=True) == auto
 
 

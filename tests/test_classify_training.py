@@ -305,18 +305,18 @@ def test_config_file_takes_the_lr_as_a_number_or_as_auto(tmp_path):
 
 
 def test_linear_probe_with_lr_auto_on_a_user_task(tmp_path):
-    """A user's task defaults to lr auto: each grid lr trains the first split, the best dev accuracy wins."""
+    """A user's task defaults to lr auto: each grid lr trains the first split, the lowest late dev loss wins."""
     cache = write_train_test_cache(tmp_path / "cache", task="text-csv", num_train=48)
     metrics = train_decoder(cache, "linear", tmp_path / "run", epochs=3)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert metrics["layers"] == [4] and metrics["attention_parameters"] == 0 and metrics["decoder"] == "linear"
     search = run["lr_search"]
     assert search["grid"] == list(LR_GRID) and run["lr"] == metrics["lr"] == search["chosen"]
-    assert search["dev_accuracy"][f"{search['chosen']:g}"] == max(search["dev_accuracy"].values())
+    assert search["dev_loss"][f"{search['chosen']:g}"] == min(search["dev_loss"].values())
     assert run["selection"] == "last-epoch"  # a user's task keeps the converged last epoch
-    history = metrics["history"]["run1"]  # the winner's history; its score is the mean of its last epochs
-    late = [record["dev_accuracy"] for record in history[-LATE_EPOCHS:]]
-    assert search["dev_accuracy"][f"{search['chosen']:g}"] == pytest.approx(sum(late) / len(late))
+    history = metrics["history"]["run1"]  # the winner's history; its score is the mean dev loss of its last epochs
+    late = [record["dev_loss"] for record in history[-LATE_EPOCHS:]]
+    assert search["dev_loss"][f"{search['chosen']:g}"] == pytest.approx(sum(late) / len(late))
     split = metrics["accuracy"]["per_split"][0]  # the winner's checkpoint is its last epoch
     assert split["best_epoch"] == len(history) == 3 and split["dev_accuracy"] == history[-1]["dev_accuracy"]
     assert sorted(p.name for p in (tmp_path / "run" / "lr_search").iterdir()) == [f"lr{lr:g}" for lr in sorted(LR_GRID)]
@@ -406,20 +406,20 @@ def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch):
 
     mha-bn: its BatchNorm running statistics must come back too, not only the trained weights.
     """
-    from daamkit.classify import training
+    from daamkit.classify import split_loop
 
     cache = write_train_test_cache(tmp_path / "cache", task="text-csv", num_train=40, num_layers=4)
     options = {"epochs": 3, "runs": 2, "heads": 2}
     full = train_decoder(cache, "mha-bn", tmp_path / "full", **options)
-    original, calls = training.accuracy, []
+    original, calls = split_loop.dev_scores, []
 
-    def interrupt_at(*stops):
-        def accuracy(*args):
+    def interrupt_at(*stops):  # counts the dev evaluations, one per epoch
+        def dev_scores(*args):
             calls.append(1)
             if len(calls) in stops:
                 raise KeyboardInterrupt
             return original(*args)
-        monkeypatch.setattr(training, "accuracy", accuracy)
+        monkeypatch.setattr(split_loop, "dev_scores", dev_scores)
 
     out = tmp_path / "resumed"
     interrupt_at(5)  # lr search, second candidate, epoch 2
@@ -432,7 +432,7 @@ def test_resume_continues_an_interrupted_run_exactly(tmp_path, monkeypatch):
     interrupt_at(8)  # 3 epochs of the third candidate, then run2 epoch 2
     with pytest.raises(KeyboardInterrupt):
         train_decoder(None, None, out, resume=True)
-    monkeypatch.setattr(training, "accuracy", original)
+    monkeypatch.setattr(split_loop, "dev_scores", original)
     result = runner.invoke(app, ["classify", "train", "--out", str(out), "--resume", "--quiet", "--json"])
     assert result.exit_code == 0, result.output
     resumed = json.loads(result.stdout)
@@ -466,8 +466,11 @@ class _ScriptedDevJob:
     def after_first_step(self):
         pass
 
-    def dev_accuracy(self):
-        return self.dev.pop(0)
+    def dev_predictions(self):  # 10 dev items of class 0, the scripted fraction of them predicted right
+        right = round(self.dev.pop(0) * 10)
+        logits = np.zeros((10, 2), dtype=np.float32)
+        logits[:right, 0] = logits[right:, 1] = 1.0
+        return logits, np.zeros(10, dtype=np.int64)
 
     def checkpoint_state(self):
         return self.model.state_dict()
@@ -488,3 +491,38 @@ def test_selection_keeps_the_first_best_or_the_last_epoch(tmp_path, selection, k
     fit_split(_ScriptedDevJob([0.9, 0.5, 0.6]), epochs=3, lr=1e-3, loss="ce", accelerator=make_accelerator("no", cpu=True),
               folder=tmp_path / "split", log_dir=tmp_path / "tb", label="t", selection=selection)
     assert load_config(tmp_path / "split" / "best")["best_epoch"] == kept
+
+
+def _scripted_history(accuracies, losses=None):
+    return [{"epoch": epoch, "dev_accuracy": accuracy, **({} if losses is None else {"dev_loss": losses[epoch - 1]})}
+            for epoch, accuracy in enumerate(accuracies, 1)]
+
+
+@pytest.mark.parametrize(("selection", "every_loss", "chosen", "criterion", "scores"), [
+    # the lowest mean dev loss of the last 2 epochs wins over a higher late accuracy
+    ("last-epoch", True, 0.01, "dev_loss", {"0.001": 0.95, "0.01": 0.45, "0.1": 0.75}),
+    # one candidate saved before dev_loss was recorded: the whole search ranks by the late dev accuracy
+    ("last-epoch", False, 0.1, "dev_accuracy", {"0.001": 0.55, "0.01": 0.65, "0.1": 0.85}),
+    # the paper's criterion: the best epoch's dev accuracy
+    ("best-epoch", True, 0.1, "dev_accuracy", {"0.001": 0.6, "0.01": 0.7, "0.1": 0.9}),
+])
+def test_lr_auto_ranks_last_epoch_candidates_by_their_late_dev_loss(tmp_path, selection, every_loss, chosen, criterion,
+                                                                     scores):
+    from daamkit.classify.experiment import make_accelerator
+    from daamkit.classify.split_loop import pick_lr
+
+    script = {0.001: ([0.5, 0.6], [1.0, 0.9]), 0.01: ([0.6, 0.7], [0.5, 0.4]), 0.1: ([0.9, 0.8], [0.8, 0.7])}
+
+    def train(lr, folder):
+        (folder / "best").mkdir(parents=True)
+        (folder / "best" / "lr.txt").write_text(f"{lr:g}")
+        accuracies, losses = script[lr]
+        return _scripted_history(accuracies, losses if every_loss or lr != 0.1 else None)
+
+    lr, history, search = pick_lr(train, grid=tuple(script), selection=selection, late_epochs=2,
+                                  folder=tmp_path / "search", split_dir=tmp_path / "run1",
+                                  accelerator=make_accelerator("no", cpu=True))
+    assert lr == search["chosen"] == chosen and search[criterion] == pytest.approx(scores)
+    assert history[-1]["dev_accuracy"] == script[chosen][0][-1]
+    assert (tmp_path / "run1" / "best" / "lr.txt").read_text() == f"{chosen:g}"  # the winner becomes the split's
+    assert json.loads((tmp_path / "run1" / "history.json").read_text()) == history

@@ -58,9 +58,9 @@ USER_RESIDUAL = True
 # so a run reports the mean and spread of SMALL_POOL_RUNS seeded runs. Cheap: these pools train in seconds.
 SMALL_POOL_ITEMS = 5000
 SMALL_POOL_RUNS = 3
-# The last `LATE_EPOCHS` epochs' mean dev accuracy ranks the lr candidates of a last-epoch run.
+# The last `LATE_EPOCHS` epochs' mean dev loss ranks the lr candidates of a last-epoch run.
 LATE_EPOCHS = 10
-# `lr="auto"`: candidates tried on the first fold/run, the best dev accuracy wins (see split_loop.pick_lr).
+# `lr="auto"`: candidates tried on the first fold/run, the best on its dev items wins (see split_loop.pick_lr).
 LR_GRID = (3e-4, 1e-3, 3e-3)
 
 

@@ -278,7 +278,7 @@ class _Job:
 
 
 class _LoRASplitJob:
-    """One fold/run of a LoRA run for `fit_split`: encoder batches, dev accuracy, adapter + head state."""
+    """One fold/run of a LoRA run for `fit_split`: encoder batches, dev predictions, adapter + head state."""
 
     def __init__(self, job: _Job, base: nn.Module, plan: SplitPlan):
         self.job, self.base, self.plan = job, base, plan
@@ -301,10 +301,9 @@ class _LoRASplitJob:
     def after_first_step(self) -> None:
         check_adapter_gradients(self.model, self.job.model_type, self.job.settings["target_modules"])
 
-    def dev_accuracy(self) -> float:
+    def dev_predictions(self) -> tuple[np.ndarray, np.ndarray]:
         source = self.plan.train_source
-        logits = self.job.predict(self.model, source, self.plan.dev)
-        return accuracy(logits, self.plan.dev, self.job.views[source])
+        return self.job.predict(self.model, source, self.plan.dev), self.job.views[source].labels[self.plan.dev]
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return trainable_state(self.model)

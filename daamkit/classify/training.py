@@ -15,6 +15,7 @@ from statistics import fmean
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from daamkit.classify.batches import FeatureBatches
@@ -27,7 +28,7 @@ from daamkit.classify.decoders import (
     gaussian_parameter_ranges,
     layer_mix_shares,
 )
-from daamkit.classify.evaluation import accuracy, load_split_decoder, predict, score_run
+from daamkit.classify.evaluation import load_split_decoder, predict, score_run
 from daamkit.classify.experiment import (
     LATE_EPOCHS,
     LR_GRID,
@@ -200,7 +201,7 @@ def _train_split(context: RunContext, plan: SplitPlan, accelerator) -> list[dict
 
 
 class _DecoderJob:
-    """One fold/run of a DAT decoder for `fit_split`: batches from the feature cache, dev accuracy, state."""
+    """One fold/run of a DAT decoder for `fit_split`: batches from the feature cache, dev predictions, state."""
 
     def __init__(self, context: RunContext, plan: SplitPlan, accelerator):
         self.context, self.plan, self.accelerator = context, plan, accelerator
@@ -233,10 +234,10 @@ class _DecoderJob:
     def after_first_step(self) -> None:
         """Nothing to check: every decoder parameter is reached by the loss."""
 
-    def dev_accuracy(self) -> float:
+    def dev_predictions(self) -> tuple[np.ndarray, np.ndarray]:
         logits, indices = predict(self.model, self.source, self.plan.dev, self.context.layer_positions,
                                   self.run["batch_size"], self.accelerator.device, self.accelerator.autocast)
-        return accuracy(logits, indices, self.source)
+        return logits, self.source.labels[indices]
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -76,7 +76,7 @@ def extract(
 _DECODER_HELP = "linear | mha | mha-bn | gqa | daam-v1 | daam-v2 | gqdaam | mixture | conv-head (no attention)"
 _MP_HELP = "auto (bf16/fp16 on GPU, none on CPU) | no | fp16 | bf16"
 # Options `classify train` and `classify lora` share, resolved the same way against the data.
-_LR_HELP = ("Learning rate or auto (3e-4, 1e-3 or 3e-3, by dev accuracy on the first split) [default: auto on "
+_LR_HELP = ("Learning rate or auto (3e-4, 1e-3 or 3e-3, chosen on the first split's dev items) [default: auto on "
             "your own data; the paper's 1e-4 (5e-5 for Llama) on iemocap/agnews/cifar100].")
 _RUNS_HELP = ("Repeated runs with different seeds (train/test tasks) [default: 3 on your own data under 5,000 "
               "training items, else 1].")
