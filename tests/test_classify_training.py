@@ -526,3 +526,18 @@ def test_lr_auto_ranks_last_epoch_candidates_by_their_late_dev_loss(tmp_path, se
     assert history[-1]["dev_accuracy"] == script[chosen][0][-1]
     assert (tmp_path / "run1" / "best" / "lr.txt").read_text() == f"{chosen:g}"  # the winner becomes the split's
     assert json.loads((tmp_path / "run1" / "history.json").read_text()) == history
+
+
+def test_lr_auto_never_picks_a_candidate_whose_dev_loss_diverged(tmp_path):
+    from daamkit.classify.experiment import make_accelerator
+    from daamkit.classify.split_loop import pick_lr
+
+    losses = {0.001: float("nan"), 0.01: 0.9, 0.1: float("inf")}
+
+    def train(lr, folder):
+        (folder / "best").mkdir(parents=True)
+        return _scripted_history([0.5, 0.5], [losses[lr]] * 2)
+
+    lr, _, _ = pick_lr(train, grid=tuple(losses), selection="last-epoch", late_epochs=2, folder=tmp_path / "search",
+                       split_dir=tmp_path / "run1", accelerator=make_accelerator("no", cpu=True))
+    assert lr == 0.01

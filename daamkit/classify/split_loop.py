@@ -25,6 +25,7 @@ way (`pick_lr`).
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from statistics import fmean
@@ -187,8 +188,8 @@ def pick_lr(train: Callable[[float, Path], list[dict]], *, grid: Sequence[float]
     """`lr` auto for one fold/run: `train(lr, folder / "lr<lr>")` once per lr of `grid` (each candidate resumes
     like any split), and keep the winner: with last-epoch selection the lowest mean dev loss over the last
     `late_epochs` epochs (the converged model; see the module docstring for why the loss), with best-epoch
-    selection the highest best-epoch dev accuracy (the paper's criterion). Ties go to the higher mean dev
-    accuracy over all epochs. A candidate trained before `dev_loss` was recorded ranks the search by the late
+    selection the highest best-epoch dev accuracy (the paper's criterion); a candidate whose dev loss is not
+    finite (it diverged) ranks last. Ties go to the higher mean dev accuracy over all epochs. A candidate trained before `dev_loss` was recorded ranks the search by the late
     epochs' mean dev accuracy instead. The winner's kept checkpoint and history become the split's
     (`split_dir`), so a resumed run does not train it again. Returns (its lr, its history, the search record
     for the run's settings file)."""
@@ -201,8 +202,11 @@ def pick_lr(train: Callable[[float, Path], list[dict]], *, grid: Sequence[float]
         values = [record[criterion] for record in history]
         return max(values) if selection == "best-epoch" else fmean(values[-late_epochs:])
 
-    sign = -1.0 if by_loss else 1.0  # a lower loss, a higher accuracy wins
-    lr = max(grid, key=lambda lr: (sign * value(histories[lr]), fmean(r["dev_accuracy"] for r in histories[lr])))
+    def rank(lr: float) -> tuple[float, float]:  # a lower loss, a higher accuracy wins; a diverged (NaN) one never
+        score = -value(histories[lr]) if by_loss else value(histories[lr])
+        return (score if math.isfinite(score) else -math.inf), fmean(r["dev_accuracy"] for r in histories[lr])
+
+    lr = max(grid, key=rank)
     history = histories[lr]
     if accelerator.is_main_process:
         shutil.rmtree(split_dir / "best", ignore_errors=True)
@@ -212,7 +216,7 @@ def pick_lr(train: Callable[[float, Path], list[dict]], *, grid: Sequence[float]
     scores = {f"{candidate:g}": value(histories[candidate]) for candidate in grid}
     what = ("best dev accuracy" if selection == "best-epoch"
             else f"mean {criterion.replace('_', ' ')} of the last {late_epochs} epochs")
-    log(f"lr auto: {lr:g} ({what}: " + ", ".join(f"{name}: {value:.3f}" for name, value in scores.items()) + ")")
+    log(f"lr auto: {lr:g} ({what}: " + ", ".join(f"{name}: {score:.3f}" for name, score in scores.items()) + ")")
     return lr, history, {"split": split_dir.name, "grid": list(grid), "chosen": lr, criterion: scores}
 
 
