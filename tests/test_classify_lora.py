@@ -159,6 +159,7 @@ def test_lora_lr_auto_keeps_the_best_candidate_and_trains_it_as_a_fixed_lr_would
     settings = json.loads((tmp_path / "auto" / "lora.json").read_text())
     search = settings["lr_search"]
     assert search["grid"] == list(LR_GRID) and settings["lr"] == search["chosen"] == auto["lora"]["lr"] in LR_GRID
+    assert set(search["dev_accuracy"]) == {f"{lr:g}" for lr in LR_GRID} and "dev_loss" not in search  # by accuracy
     assert sorted(p.name for p in (tmp_path / "auto" / "lr_search").iterdir()) == [f"lr{lr:g}" for lr in sorted(LR_GRID)]
     # the winner's history is run1's, so a resumed run would not train run1 again
     assert json.loads((tmp_path / "auto" / "splits" / "run1" / "history.json").read_text()) == auto["history"]["run1"]

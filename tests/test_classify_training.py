@@ -505,6 +505,8 @@ def _scripted_history(accuracies, losses=None):
     ("last-epoch", False, 0.1, "dev_accuracy", {"0.001": 0.55, "0.01": 0.65, "0.1": 0.85}),
     # the paper's criterion: the best epoch's dev accuracy
     ("best-epoch", True, 0.1, "dev_accuracy", {"0.001": 0.6, "0.01": 0.7, "0.1": 0.9}),
+    # a search told to rank by accuracy (LoRA's)
+    ("by-accuracy", True, 0.1, "dev_accuracy", {"0.001": 0.55, "0.01": 0.65, "0.1": 0.85}),
 ])
 def test_lr_auto_ranks_last_epoch_candidates_by_their_late_dev_loss(tmp_path, selection, every_loss, chosen, criterion,
                                                                      scores):
@@ -519,9 +521,9 @@ def test_lr_auto_ranks_last_epoch_candidates_by_their_late_dev_loss(tmp_path, se
         accuracies, losses = script[lr]
         return _scripted_history(accuracies, losses if every_loss or lr != 0.1 else None)
 
-    lr, history, search = pick_lr(train, grid=tuple(script), selection=selection, late_epochs=2,
-                                  folder=tmp_path / "search", split_dir=tmp_path / "run1",
-                                  accelerator=make_accelerator("no", cpu=True))
+    lr, history, search = pick_lr(train, grid=tuple(script), selection=selection.replace("by-accuracy", "last-epoch"),
+                                  late_epochs=2, folder=tmp_path / "search", split_dir=tmp_path / "run1",
+                                  accelerator=make_accelerator("no", cpu=True), by_loss=selection != "by-accuracy")
     assert lr == search["chosen"] == chosen and search[criterion] == pytest.approx(scores)
     assert history[-1]["dev_accuracy"] == script[chosen][0][-1]
     assert (tmp_path / "run1" / "best" / "lr.txt").read_text() == f"{chosen:g}"  # the winner becomes the split's

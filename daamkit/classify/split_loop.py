@@ -9,9 +9,9 @@ so an interrupted split continues from its last finished epoch and ends exactly 
 a finished split leaves `FOLDER/history.json` and is not trained again.
 
 Each epoch's record holds the dev accuracy and `dev_loss`, the cross-entropy of the dev items. The lr
-search (`pick_lr`) of a last-epoch run ranks its candidates by `dev_loss`: on a dev split of a few dozen
-items the accuracy moves in steps of 2-3 points and candidates tie, while the loss of the same logits
-moves with every item's confidence.
+search (`pick_lr`) of a last-epoch DAT run ranks its candidates by `dev_loss`: on a dev split of a few
+dozen items the accuracy moves in steps of 2-3 points and candidates tie, while the loss of the same
+logits moves with every item's confidence. LoRA runs rank by the dev accuracy (see lora.py).
 
 Each epoch's record also holds `chance_loss`, the loss of always predicting that epoch's class frequencies.
 A split whose last training loss ends within `CHANCE_BAND` of it has collapsed to that constant
@@ -184,17 +184,18 @@ def dev_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def pick_lr(train: Callable[[float, Path], list[dict]], *, grid: Sequence[float], selection: str, late_epochs: int,
-            folder: Path, split_dir: Path, accelerator) -> tuple[float, list[dict], dict]:
+            folder: Path, split_dir: Path, accelerator, by_loss: bool = True) -> tuple[float, list[dict], dict]:
     """`lr` auto for one fold/run: `train(lr, folder / "lr<lr>")` once per lr of `grid` (each candidate resumes
     like any split), and keep the winner: with last-epoch selection the lowest mean dev loss over the last
-    `late_epochs` epochs (the converged model; see the module docstring for why the loss), with best-epoch
+    `late_epochs` epochs (the converged model; see the module docstring for why the loss; with
+    `by_loss=False` the highest mean dev accuracy over them), with best-epoch
     selection the highest best-epoch dev accuracy (the paper's criterion); a candidate whose dev loss is not
     finite (it diverged) ranks last. Ties go to the higher mean dev accuracy over all epochs. A candidate trained before `dev_loss` was recorded ranks the search by the late
     epochs' mean dev accuracy instead. The winner's kept checkpoint and history become the split's
     (`split_dir`), so a resumed run does not train it again. Returns (its lr, its history, the search record
     for the run's settings file)."""
     histories = {lr: train(lr, folder / f"lr{lr:g}") for lr in grid}
-    by_loss = selection == "last-epoch" and all(
+    by_loss = by_loss and selection == "last-epoch" and all(
         "dev_loss" in record for history in histories.values() for record in history[-late_epochs:])
     criterion = "dev_loss" if by_loss else "dev_accuracy"
 
