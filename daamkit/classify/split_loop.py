@@ -186,14 +186,14 @@ def dev_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 def pick_lr(train: Callable[[float, Path], list[dict]], *, grid: Sequence[float], selection: str, late_epochs: int,
             folder: Path, split_dir: Path, accelerator, by_loss: bool = True) -> tuple[float, list[dict], dict]:
     """`lr` auto for one fold/run: `train(lr, folder / "lr<lr>")` once per lr of `grid` (each candidate resumes
-    like any split), and keep the winner: with last-epoch selection the lowest mean dev loss over the last
-    `late_epochs` epochs (the converged model; see the module docstring for why the loss; with
-    `by_loss=False` the highest mean dev accuracy over them), with best-epoch
-    selection the highest best-epoch dev accuracy (the paper's criterion); a candidate whose dev loss is not
-    finite (it diverged) ranks last. Ties go to the higher mean dev accuracy over all epochs. A candidate trained before `dev_loss` was recorded ranks the search by the late
-    epochs' mean dev accuracy instead. The winner's kept checkpoint and history become the split's
-    (`split_dir`), so a resumed run does not train it again. Returns (its lr, its history, the search record
-    for the run's settings file)."""
+    like any split), and keep the winner:
+    - last-epoch selection: the lowest mean dev loss over the last `late_epochs` epochs (the converged model;
+      the module docstring says why the loss), or with `by_loss=False` the highest mean dev accuracy there;
+    - best-epoch selection: the highest best-epoch dev accuracy (the paper's criterion).
+    A candidate whose dev loss is not finite (it diverged) ranks last; ties go to the higher mean dev accuracy
+    over all epochs; a search with a candidate trained before `dev_loss` was recorded ranks by accuracy. The
+    winner's kept checkpoint and history become the split's (`split_dir`), so a resumed run does not train
+    it again. Returns (its lr, its history, the search record for the run's settings file)."""
     histories = {lr: train(lr, folder / f"lr{lr:g}") for lr in grid}
     by_loss = by_loss and selection == "last-epoch" and all(
         "dev_loss" in record for history in histories.values() for record in history[-late_epochs:])
