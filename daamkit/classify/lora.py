@@ -54,14 +54,13 @@ from daamkit.classify.experiment import (
 from daamkit.classify.feature_cache import FeatureSplit
 from daamkit.classify.protocol import SplitPlan
 from daamkit.classify.run_config import LoRARunConfig
-from daamkit.classify.split_loop import fit_split, pick_lr, warn_if_collapsed
+from daamkit.classify.split_loop import LR_SEARCH_DIR, fit_split, pick_lr, warn_if_collapsed
 from daamkit.infra.checkpoint import atomic_write_json, load_config, load_weights, read_json
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log
 
 LORA_FILE = "lora.json"
-LR_SEARCH_DIR = "lr_search"
 # Model types whose query/key adapters cannot train (see the module docstring) -> modules that do.
 TARGET_PRESETS = {"wavlm": ("intermediate_dense", "output_dense")}
 # Names of the attention query/key projections, tried in order on models without a preset.

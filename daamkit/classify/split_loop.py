@@ -48,6 +48,7 @@ from daamkit.infra.progress import log, progress_bar
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.5
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 3
 HISTORY_FILE = "history.json"
+LR_SEARCH_DIR = "lr_search"  # a run folder's `pick_lr` candidates (and their TensorBoard folder)
 CHANCE_BAND = 0.05  # a final training loss within this fraction of the chance-level loss: collapsed
 
 

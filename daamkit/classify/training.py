@@ -56,13 +56,12 @@ from daamkit.classify.feature_cache import FeatureCache
 from daamkit.classify.importance import IMPORTANCE_DIR, write_importance
 from daamkit.classify.protocol import SplitPlan, parse_layers
 from daamkit.classify.run_config import DecoderRunConfig
-from daamkit.classify.split_loop import fit_split, pick_lr, warn_if_collapsed
+from daamkit.classify.split_loop import LR_SEARCH_DIR, fit_split, pick_lr, warn_if_collapsed
 from daamkit.infra.checkpoint import atomic_write_json
 from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log
 
-LR_SEARCH_DIR = "lr_search"
 RUN_OUTPUTS = ("splits", "tensorboard", IMPORTANCE_DIR, LR_SEARCH_DIR)  # what a run writes besides JSON files
 
 
