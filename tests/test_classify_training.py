@@ -1,6 +1,8 @@
 """Training runs end to end on tiny caches: metrics.json, honest dev selection, evaluate, importance, report, CLI."""
 
 import json
+import math
+import statistics
 
 import numpy as np
 import pytest
@@ -176,16 +178,20 @@ def test_report_markdown_and_json(session_run, agnews_run):
     assert json.loads(render_report(dirs, "json")) == report
 
 
+def _finished_run(root, name, decoder, accuracies, seeds=None):
+    """A run folder holding only the metrics.json a finished run writes (runs named run1, run2, ...)."""
+    folder = root / name
+    folder.mkdir()
+    per_split = [{"name": f"run{i + 1}", "accuracy": a} for i, a in enumerate(accuracies)]
+    (folder / "metrics.json").write_text(json.dumps({
+        "method": name, "decoder": decoder, "task": "text-csv", "encoder": "e", "seeds": seeds,
+        "accuracy": {"mean": sum(accuracies) / len(accuracies), "std": 0.0, "per_split": per_split}}))
+    return folder
+
+
 def test_report_names_the_rows_more_than_2_points_below_the_linear_probe(tmp_path):
     def run(name, decoder, accuracies):
-        folder = tmp_path / name
-        folder.mkdir()
-        per_split = [{"name": f"run{i + 1}", "accuracy": a} for i, a in enumerate(accuracies)]
-        mean = sum(accuracies) / len(accuracies)
-        (folder / "metrics.json").write_text(json.dumps({
-            "method": name, "decoder": decoder, "task": "text-csv", "encoder": "e",
-            "accuracy": {"mean": mean, "std": 0.0, "per_split": per_split}}))
-        return folder
+        return _finished_run(tmp_path, name, decoder, accuracies)
 
     dirs = [run("linear", "linear", [0.80, 0.82]), run("mha", "mha", [0.80, 0.805]),
             run("daam-v1", "daam-v1", [0.76, 0.77])]
@@ -195,6 +201,26 @@ def test_report_names_the_rows_more_than_2_points_below_the_linear_probe(tmp_pat
     text = render_report(dirs)
     assert "(more than 2 points below the linear probe: daam-v1 -4.50;" in text and "no linear-probe row" not in text
     assert "points below" not in render_report(dirs[1:])  # no probe, no comparison: the missing-row note instead
+
+
+def test_report_pairs_every_row_with_the_linear_probe_trained_with_the_same_seeds(tmp_path):
+    dirs = [_finished_run(tmp_path, "linear", "linear", [0.80, 0.82, 0.78], seeds=[0, 1, 2]),
+            _finished_run(tmp_path, "linear-s3", "linear", [0.90, 0.90, 0.90], seeds=[3, 4, 5]),
+            _finished_run(tmp_path, "daam-v1", "daam-v1", [0.79, 0.83, 0.76], seeds=[0, 1, 2]),
+            _finished_run(tmp_path, "one-run", "mha", [0.81], seeds=[0, 1, 2]),
+            _finished_run(tmp_path, "other-seeds", "mixture", [0.70, 0.71, 0.72], seeds=[7, 8, 9])]
+    rows = {row["method"]: row for row in build_report(dirs)["tables"][0]["rows"]}
+    diffs = [-0.01, 0.01, -0.02]  # daam-v1 minus the seed-0 probe, run by run (not the better seed-3 probe)
+    stderr = statistics.stdev(diffs) / math.sqrt(3)
+    assert rows["daam-v1"]["vs_linear"] == pytest.approx(
+        {"gap": sum(diffs) / 3, "stderr": stderr, "splits": 3, "linear": "linear"})
+    assert rows["one-run"]["vs_linear"] == pytest.approx({"gap": 0.01, "stderr": None, "splits": 1, "linear": "linear"})
+    assert rows["other-seeds"]["vs_linear"] is None and rows["linear"]["vs_linear"] is None
+    text = render_report(dirs)
+    assert "| Mean ± std | Δ vs linear ± s.e. |" in text
+    assert f"| 79.33 ± 0.00 | -0.67 ± {100 * stderr:.2f} |" in text and "| 81.00 ± 0.00 | +1.00 |" in text
+    assert "| 71.00 ± 0.00 | - |" in text
+    assert "Δ vs linear" not in render_report(dirs[2:])  # without a probe there is nothing to pair with
 
 
 def test_focal_loss_matches_its_formula():

@@ -3,7 +3,8 @@
 One accuracy table per (task, encoder) and metric (chunk-level `accuracy`; IEMOCAP adds
 `utterance_accuracy`): one row per run (method), one column per fold/run, then mean +- std, as in the
 paper's Tables 2-4, and a note when no `linear` probe row is among them, or naming the rows more than
-`BEHIND_LINEAR` below it, and one naming the folds/runs that collapsed (`collapsed`). Runs of DAAM
+`BEHIND_LINEAR` below it, and one naming the folds/runs that collapsed (`collapsed`). Beside a probe, every
+other row gets its paired gap to it (`vs_linear`, see `paired_gap`). Runs of DAAM
 decoders also fill the Gaussian-parameter table (paper Table 5): the min and max of the learned mean
 offsets and scaled variances. Any run folder with a `metrics.json` of this shape takes part, so LoRA
 baselines land in the same tables (their `trainable_parameters`, when given, is shown as the trainable
@@ -13,8 +14,10 @@ parameter count).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Sequence
+from statistics import fmean, stdev
+from typing import Optional, Sequence
 
 from daamkit.classify.experiment import METRICS_FILE
 from daamkit.infra.checkpoint import read_json
@@ -62,12 +65,16 @@ def build_report(run_dirs: Sequence[str | Path]) -> dict:
                 "mean": block["mean"],
                 "std": block["std"],
                 "collapsed": metrics.get("collapsed", []),
+                "seeds": metrics.get("seeds"),
             })
         if metrics.get("gaussian_parameters"):
             gaussian_rows.append({"method": method, "task": metrics.get("task"), "run_dir": str(run_dir),
                                   **metrics["gaussian_parameters"]})
     for table in tables.values():
         table["behind_linear"] = _behind_linear(table["rows"])
+        probes = [row for row in table["rows"] if row["decoder"] == "linear"]
+        for row in table["rows"]:
+            row["vs_linear"] = None if row["decoder"] == "linear" else paired_gap(row, probes)
     return {"tables": list(tables.values()), "gaussian_parameters": gaussian_rows}
 
 
@@ -79,6 +86,29 @@ def _behind_linear(rows: list[dict]) -> list[dict]:
     best = max(probes)
     return [{"method": row["method"], "gap": row["mean"] - best} for row in rows
             if row["decoder"] != "linear" and row["mean"] < best - BEHIND_LINEAR]
+
+
+def paired_gap(row: dict, probes: list[dict]) -> Optional[dict]:
+    """`row`'s accuracy minus the best probe's trained with the same seeds, over the folds/runs both have.
+
+    Same seeds mean the same dev split and test items in every fold/run, so the per-split differences
+    cancel the split-to-split noise that the rows' own std carries; `stderr` is the standard error of
+    their mean (None with one split). None when no probe shares the row's seeds and splits.
+    """
+    matching = [probe for probe in probes if probe["seeds"] == row["seeds"]
+                and set(probe["per_split"]) & set(row["per_split"])]
+    if not matching:
+        return None
+    probe = max(matching, key=lambda candidate: candidate["mean"])
+    diffs = [row["per_split"][name] - probe["per_split"][name] for name in row["per_split"] if name in probe["per_split"]]
+    stderr = stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {"gap": fmean(diffs), "stderr": stderr, "splits": len(diffs), "linear": probe["method"]}
+
+
+def _gap_cell(gap: Optional[dict]) -> str:
+    if gap is None:
+        return "-"
+    return f"{100 * gap['gap']:+.2f}" + ("" if gap["stderr"] is None else f" ± {100 * gap['stderr']:.2f}")
 
 
 def _percent(value) -> str:
@@ -95,13 +125,19 @@ def render_markdown(report: dict) -> str:
     for table in report["tables"]:
         title = "utterance-level accuracy (%)" if table["metric"] == "utterance_accuracy" else "accuracy (%)"
         lines += [f"### {table['task']} · {table['encoder']} · {title}", ""]
+        paired = any(row["vs_linear"] for row in table["rows"])
         header = ["Method", "Attention params", "Trainable params", *table["columns"], "Mean ± std"]
+        header += ["Δ vs linear ± s.e."] if paired else []
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in table["rows"]:
             cells = [row["method"], _count(row["attention_parameters"]), _count(row["trainable_parameters"])]
             cells += [_percent(row["per_split"].get(name)) for name in table["columns"]]
             cells.append(f"{_percent(row['mean'])} ± {_percent(row['std'])}")
+            cells += [_gap_cell(row["vs_linear"])] if paired else []
             lines.append("| " + " | ".join(cells) + " |")
+        if paired:
+            lines.append("(Δ vs linear: the mean of the per-fold/run differences from the linear probe trained "
+                         "with the same seeds, so on the same dev splits and test items; ± its standard error)")
         if not any(row["decoder"] == "linear" for row in table["rows"]):
             lines.append("(no linear-probe row: train one with `classify train --decoder linear` on the same "
                          "features, the simplest honest baseline)")
