@@ -93,7 +93,8 @@ def paired_gap(row: dict, probes: list[dict]) -> Optional[dict]:
 
     Same seeds mean the same dev split and test items in every fold/run, so the per-split differences
     cancel the split-to-split noise that the rows' own std carries; `stderr` is the standard error of
-    their mean (None with one split). None when no probe shares the row's seeds and splits.
+    their mean (None with one split), blind to what all splits share (the lr that lr auto picked on the
+    first one). None when no probe shares the row's seeds and splits.
     """
     matching = [probe for probe in probes if probe["seeds"] == row["seeds"]
                 and set(probe["per_split"]) & set(row["per_split"])]
@@ -137,7 +138,9 @@ def render_markdown(report: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         if paired:
             lines.append("(Δ vs linear: the mean of the per-fold/run differences from the linear probe trained "
-                         "with the same seeds, so on the same dev splits and test items; ± its standard error)")
+                         "with the same seeds, so on the same dev splits and test items; ± its standard error, "
+                         "which does not cover a choice shared by all of them, such as the lr picked by lr auto: "
+                         "another --seed shows that)")
         if not any(row["decoder"] == "linear" for row in table["rows"]):
             lines.append("(no linear-probe row: train one with `classify train --decoder linear` on the same "
                          "features, the simplest honest baseline)")
