@@ -190,11 +190,9 @@ def _finished_run(root, name, decoder, accuracies, seeds=None):
 
 
 def test_report_names_the_rows_more_than_2_points_below_the_linear_probe(tmp_path):
-    def run(name, decoder, accuracies):
-        return _finished_run(tmp_path, name, decoder, accuracies)
-
-    dirs = [run("linear", "linear", [0.80, 0.82]), run("mha", "mha", [0.80, 0.805]),
-            run("daam-v1", "daam-v1", [0.76, 0.77])]
+    dirs = [_finished_run(tmp_path, "linear", "linear", [0.80, 0.82]),
+            _finished_run(tmp_path, "mha", "mha", [0.80, 0.805]),
+            _finished_run(tmp_path, "daam-v1", "daam-v1", [0.76, 0.77])]
     (table,) = build_report(dirs)["tables"]
     assert [row["method"] for row in table["behind_linear"]] == ["daam-v1"]
     assert table["behind_linear"][0]["gap"] == pytest.approx(0.765 - 0.81)

@@ -101,7 +101,8 @@ def paired_gap(row: dict, probes: list[dict]) -> Optional[dict]:
     if not matching:
         return None
     probe = max(matching, key=lambda candidate: candidate["mean"])
-    diffs = [row["per_split"][name] - probe["per_split"][name] for name in row["per_split"] if name in probe["per_split"]]
+    shared = [name for name in row["per_split"] if name in probe["per_split"]]
+    diffs = [row["per_split"][name] - probe["per_split"][name] for name in shared]
     stderr = stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
     return {"gap": fmean(diffs), "stderr": stderr, "splits": len(diffs), "linear": probe["method"]}
 
