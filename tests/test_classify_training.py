@@ -221,6 +221,25 @@ def test_report_pairs_every_row_with_the_linear_probe_trained_with_the_same_seed
     assert "Δ vs linear" not in render_report(dirs[2:])  # without a probe there is nothing to pair with
 
 
+def test_report_labels_the_rows_of_one_method_trained_with_different_seeds(tmp_path):
+    (tmp_path / "s0").mkdir()
+    (tmp_path / "s3").mkdir()
+    dirs = [_finished_run(tmp_path / "s0", "linear", "linear", [0.80, 0.82, 0.78], seeds=[0, 1, 2]),
+            _finished_run(tmp_path / "s3", "linear", "linear", [0.81, 0.80, 0.79], seeds=[3, 4, 5]),
+            _finished_run(tmp_path / "s0", "daam-v1", "daam-v1", [0.75, 0.76, 0.74], seeds=[0, 1, 2]),
+            _finished_run(tmp_path / "s3", "daam-v1", "daam-v1", [0.80, 0.80, 0.80], seeds=[3, 4, 5]),
+            _finished_run(tmp_path, "folds", "mha", [0.7, 0.7], seeds=[7, 7]),
+            _finished_run(tmp_path / "s0", "folds", "mha", [0.7, 0.7], seeds=[1, 5])]
+    rows = build_report(dirs)["tables"][0]["rows"]
+    assert [row["label"] for row in rows] == ["linear (seeds 0-2)", "linear (seeds 3-5)", "daam-v1 (seeds 0-2)",
+                                              "daam-v1 (seeds 3-5)", "folds (seed 7)", "folds (seeds 1, 5)"]
+    assert rows[3]["vs_linear"]["linear"] == "linear (seeds 3-5)"  # each invocation beside its own probe
+    text = render_report(dirs)
+    assert "| daam-v1 (seeds 0-2) |" in text and "below the linear probe: daam-v1 (seeds 0-2) -5.00" in text
+    single = build_report(dirs[2:3])["tables"][0]["rows"][0]
+    assert single["label"] == "daam-v1"  # a method that appears once keeps its plain name
+
+
 def test_focal_loss_matches_its_formula():
     logits, target = torch.tensor([[2.0, 0.0, -1.0], [0.1, 0.2, 0.3]]), torch.tensor([0, 2])
     p = torch.softmax(logits, -1)[torch.arange(2), target]

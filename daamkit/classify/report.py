@@ -4,7 +4,8 @@ One accuracy table per (task, encoder) and metric (chunk-level `accuracy`; IEMOC
 `utterance_accuracy`): one row per run (method), one column per fold/run, then mean +- std, as in the
 paper's Tables 2-4, and a note when no `linear` probe row is among them, or naming the rows more than
 `BEHIND_LINEAR` below it, and one naming the folds/runs that collapsed (`collapsed`). Beside a probe, every
-other row gets its paired gap to it (`vs_linear`, see `paired_gap`). Runs of DAAM
+other row gets its paired gap to it (`vs_linear`, see `paired_gap`). Rows of one method trained more than
+once (e.g. with several seeds) are labelled with their seeds (`label`). Runs of DAAM
 decoders also fill the Gaussian-parameter table (paper Table 5): the min and max of the learned mean
 offsets and scaled variances. Any run folder with a `metrics.json` of this shape takes part, so LoRA
 baselines land in the same tables (their `trainable_parameters`, when given, is shown as the trainable
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from statistics import fmean, stdev
 from typing import Optional, Sequence
@@ -71,11 +73,26 @@ def build_report(run_dirs: Sequence[str | Path]) -> dict:
             gaussian_rows.append({"method": method, "task": metrics.get("task"), "run_dir": str(run_dir),
                                   **metrics["gaussian_parameters"]})
     for table in tables.values():
+        repeated = Counter(row["method"] for row in table["rows"])
+        for row in table["rows"]:
+            row["label"] = _seeded_label(row) if repeated[row["method"]] > 1 else row["method"]
         table["behind_linear"] = _behind_linear(table["rows"])
         probes = [row for row in table["rows"] if row["decoder"] == "linear"]
         for row in table["rows"]:
             row["vs_linear"] = None if row["decoder"] == "linear" else paired_gap(row, probes)
     return {"tables": list(tables.values()), "gaussian_parameters": gaussian_rows}
+
+
+def _seeded_label(row: dict) -> str:
+    """The method name with the seeds of its runs, which tell apart two invocations of one method."""
+    seeds = row["seeds"]
+    if not seeds:
+        return f"{row['method']} ({Path(row['run_dir']).name})"
+    if len(set(seeds)) == 1:  # one run, or folds that all share the run's seed
+        return f"{row['method']} (seed {seeds[0]})"
+    if list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{row['method']} (seeds {seeds[0]}-{seeds[-1]})"
+    return f"{row['method']} (seeds {', '.join(map(str, seeds))})"
 
 
 def _behind_linear(rows: list[dict]) -> list[dict]:
@@ -84,7 +101,7 @@ def _behind_linear(rows: list[dict]) -> list[dict]:
     if not probes:
         return []
     best = max(probes)
-    return [{"method": row["method"], "gap": row["mean"] - best} for row in rows
+    return [{"method": row["method"], "label": row["label"], "gap": row["mean"] - best} for row in rows
             if row["decoder"] != "linear" and row["mean"] < best - BEHIND_LINEAR]
 
 
@@ -104,7 +121,7 @@ def paired_gap(row: dict, probes: list[dict]) -> Optional[dict]:
     shared = [name for name in row["per_split"] if name in probe["per_split"]]
     diffs = [row["per_split"][name] - probe["per_split"][name] for name in shared]
     stderr = stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-    return {"gap": fmean(diffs), "stderr": stderr, "splits": len(diffs), "linear": probe["method"]}
+    return {"gap": fmean(diffs), "stderr": stderr, "splits": len(diffs), "linear": probe["label"]}
 
 
 def _gap_cell(gap: Optional[dict]) -> str:
@@ -132,7 +149,7 @@ def render_markdown(report: dict) -> str:
         header += ["Δ vs linear ± s.e."] if paired else []
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in table["rows"]:
-            cells = [row["method"], _count(row["attention_parameters"]), _count(row["trainable_parameters"])]
+            cells = [row["label"], _count(row["attention_parameters"]), _count(row["trainable_parameters"])]
             cells += [_percent(row["per_split"].get(name)) for name in table["columns"]]
             cells.append(f"{_percent(row['mean'])} ± {_percent(row['std'])}")
             cells += [_gap_cell(row["vs_linear"])] if paired else []
@@ -146,10 +163,10 @@ def render_markdown(report: dict) -> str:
             lines.append("(no linear-probe row: train one with `classify train --decoder linear` on the same "
                          "features, the simplest honest baseline)")
         elif table["behind_linear"]:
-            behind = ", ".join(f"{row['method']} {100 * row['gap']:+.2f}" for row in table["behind_linear"])
+            behind = ", ".join(f"{row['label']} {100 * row['gap']:+.2f}" for row in table["behind_linear"])
             lines.append(f"(more than {100 * BEHIND_LINEAR:g} points below the linear probe: {behind}; on these "
                          "features the simplest baseline is the better classifier for these rows)")
-        stuck = [f"{row['method']} ({', '.join(row['collapsed'])})" for row in table["rows"] if row["collapsed"]]
+        stuck = [f"{row['label']} ({', '.join(row['collapsed'])})" for row in table["rows"] if row["collapsed"]]
         if stuck:
             lines.append(f"(collapsed to always predicting the class frequencies: {'; '.join(stuck)}; these "
                          "accuracies say little about the model: raise the lr or train longer)")
