@@ -238,6 +238,13 @@ def test_report_labels_the_rows_of_one_method_trained_with_different_seeds(tmp_p
     assert "| daam-v1 (seeds 0-2) |" in text and "below the linear probe: daam-v1 (seeds 0-2) -5.00" in text
     single = build_report(dirs[2:3])["tables"][0]["rows"][0]
     assert single["label"] == "daam-v1"  # a method that appears once keeps its plain name
+    gaussian = {"mean_offset": {"min": -0.1, "max": 0.1}, "scaled_variance": {"min": 1.5, "max": 2.5}}
+    for folder in dirs[2:4]:  # the two daam-v1 runs also fill the Gaussian-parameter table
+        metrics = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "gaussian_parameters": gaussian}))
+    assert [row["label"] for row in build_report(dirs)["gaussian_parameters"]] == [
+        "daam-v1 (seeds 0-2)", "daam-v1 (seeds 3-5)"]
+    assert "| daam-v1 (seeds 3-5) | text-csv | -0.1000 |" in render_report(dirs)
 
 
 def test_focal_loss_matches_its_formula():

@@ -71,16 +71,22 @@ def build_report(run_dirs: Sequence[str | Path]) -> dict:
             })
         if metrics.get("gaussian_parameters"):
             gaussian_rows.append({"method": method, "task": metrics.get("task"), "run_dir": str(run_dir),
-                                  **metrics["gaussian_parameters"]})
+                                  "seeds": metrics.get("seeds"), **metrics["gaussian_parameters"]})
+    _label_rows(gaussian_rows)
     for table in tables.values():
-        repeated = Counter(row["method"] for row in table["rows"])
-        for row in table["rows"]:
-            row["label"] = _seeded_label(row) if repeated[row["method"]] > 1 else row["method"]
+        _label_rows(table["rows"])
         table["behind_linear"] = _behind_linear(table["rows"])
         probes = [row for row in table["rows"] if row["decoder"] == "linear"]
         for row in table["rows"]:
             row["vs_linear"] = None if row["decoder"] == "linear" else paired_gap(row, probes)
     return {"tables": list(tables.values()), "gaussian_parameters": gaussian_rows}
+
+
+def _label_rows(rows: list[dict]) -> None:
+    """Set each row's `label`: its method, with its seeds where another row has the same method."""
+    repeated = Counter(row["method"] for row in rows)
+    for row in rows:
+        row["label"] = _seeded_label(row) if repeated[row["method"]] > 1 else row["method"]
 
 
 def _seeded_label(row: dict) -> str:
@@ -177,7 +183,7 @@ def render_markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for row in report["gaussian_parameters"]:
             offset, variance = row["mean_offset"], row["scaled_variance"]
-            lines.append(f"| {row['method']} | {row['task']} | {offset['min']:.4f} | {offset['max']:.4f} | "
+            lines.append(f"| {row['label']} | {row['task']} | {offset['min']:.4f} | {offset['max']:.4f} | "
                          f"{variance['min']:.4f} | {variance['max']:.4f} |")
         lines.append("")
     return "\n".join(lines)
