@@ -75,8 +75,8 @@ def build_report(run_dirs: Sequence[str | Path]) -> dict:
     _label_rows(gaussian_rows)
     for table in tables.values():
         _label_rows(table["rows"])
-        table["behind_linear"] = _behind_linear(table["rows"])
         probes = [row for row in table["rows"] if row["decoder"] == "linear"]
+        table["behind_linear"] = _behind_linear(table["rows"], probes)
         for row in table["rows"]:
             row["vs_linear"] = None if row["decoder"] == "linear" else paired_gap(row, probes)
     return {"tables": list(tables.values()), "gaussian_parameters": gaussian_rows}
@@ -101,12 +101,12 @@ def _seeded_label(row: dict) -> str:
     return f"{row['method']} (seeds {', '.join(map(str, seeds))})"
 
 
-def _behind_linear(rows: list[dict]) -> list[dict]:
-    """Rows whose mean is more than BEHIND_LINEAR below the best linear-probe row, with the gap (none without one)."""
-    probes = [row["mean"] for row in rows if row["decoder"] == "linear"]
+def _behind_linear(rows: list[dict], probes: list[dict]) -> list[dict]:
+    """Rows whose mean is more than BEHIND_LINEAR below the best of the linear-probe `probes`, with the gap (none
+    without one)."""
     if not probes:
         return []
-    best = max(probes)
+    best = max(probe["mean"] for probe in probes)
     return [{"method": row["method"], "label": row["label"], "gap": row["mean"] - best} for row in rows
             if row["decoder"] != "linear" and row["mean"] < best - BEHIND_LINEAR]
 
