@@ -178,10 +178,14 @@ def test_report_markdown_and_json(session_run, agnews_run):
     assert json.loads(render_report(dirs, "json")) == report
 
 
-def _finished_run(root, name, decoder, accuracies, seeds=None):
-    """A run folder holding only the metrics.json a finished run writes (runs named run1, run2, ...)."""
+def _finished_run(root, name, decoder, accuracies, seeds=None, settings=None, data="cache-a"):
+    """A run folder holding the metrics.json a finished run writes (runs named run1, run2, ...), and with
+    `settings` (the options as given, but the seed) a run.json of those settings on the cache `data`."""
     folder = root / name
     folder.mkdir()
+    if settings is not None:
+        (folder / "run.json").write_text(json.dumps({"config": {**settings, "seed": seeds[0]},
+                                                     "cache": {"fingerprint": data}}))
     per_split = [{"name": f"run{i + 1}", "accuracy": a} for i, a in enumerate(accuracies)]
     (folder / "metrics.json").write_text(json.dumps({
         "method": name, "decoder": decoder, "task": "text-csv", "encoder": "e", "seeds": seeds,
@@ -211,8 +215,9 @@ def test_report_pairs_every_row_with_the_linear_probe_trained_with_the_same_seed
     diffs = [-0.01, 0.01, -0.02]  # daam-v1 minus the seed-0 probe, run by run (not the better seed-3 probe)
     stderr = statistics.stdev(diffs) / math.sqrt(3)
     assert rows["daam-v1"]["vs_linear"] == pytest.approx(
-        {"gap": sum(diffs) / 3, "stderr": stderr, "splits": 3, "linear": "linear"})
-    assert rows["one-run"]["vs_linear"] == pytest.approx({"gap": 0.01, "stderr": None, "splits": 1, "linear": "linear"})
+        {"gap": sum(diffs) / 3, "stderr": stderr, "splits": 3, "invocations": 1, "linear": "linear"})
+    assert rows["one-run"]["vs_linear"] == pytest.approx(
+        {"gap": 0.01, "stderr": None, "splits": 1, "invocations": 1, "linear": "linear"})
     assert rows["other-seeds"]["vs_linear"] is None and rows["linear"]["vs_linear"] is None
     text = render_report(dirs)
     assert "| Mean ± std | Δ vs linear ± s.e. |" in text
@@ -245,6 +250,45 @@ def test_report_labels_the_rows_of_one_method_trained_with_different_seeds(tmp_p
     assert [row["label"] for row in build_report(dirs)["gaussian_parameters"]] == [
         "daam-v1 (seeds 0-2)", "daam-v1 (seeds 3-5)"]
     assert "| daam-v1 (seeds 3-5) | text-csv | -0.1000 |" in render_report(dirs)
+
+
+def test_report_pools_the_runs_of_one_method_and_settings_trained_with_other_seeds(tmp_path):
+    for folder in ("s0", "s3", "again", "other"):
+        (tmp_path / folder).mkdir()
+    plain = {"decoder": "daam-v1", "dropout": None}
+    dirs = [_finished_run(tmp_path / "s0", "linear", "linear", [0.80, 0.82, 0.78], [0, 1, 2], {"decoder": "linear"}),
+            _finished_run(tmp_path / "s3", "linear", "linear", [0.81, 0.80, 0.79], [3, 4, 5], {"decoder": "linear"}),
+            _finished_run(tmp_path / "s0", "daam-v1", "daam-v1", [0.79, 0.83, 0.76], [0, 1, 2], plain),
+            _finished_run(tmp_path / "s3", "daam-v1", "daam-v1", [0.82, 0.80, 0.81], [3, 4, 5], plain),
+            _finished_run(tmp_path / "other", "daam-v1", "daam-v1", [0.70, 0.70, 0.70], [6, 7, 8],
+                          {**plain, "dropout": 0.5}),  # other settings: a row of its own
+            _finished_run(tmp_path / "other", "mha", "mha", [0.75, 0.76, 0.77], [0, 1, 2], {"decoder": "mha"}),
+            _finished_run(tmp_path / "again", "mha", "mha", [0.78, 0.78, 0.78], [0, 1, 2], {"decoder": "mha"}),
+            _finished_run(tmp_path / "s3", "mha", "mha", [0.80, 0.80, 0.80], [3, 4, 5], {"decoder": "mha"},
+                          data="cache-b"),  # the same seeds twice, and other data: never pooled
+            _finished_run(tmp_path / "s3", "gqa", "gqa", [0.79, 0.79, 0.79], [3, 4, 5])]  # no run.json
+    assert len(build_report(dirs)["tables"][0]["rows"]) == 9  # pooling is asked for, never implied
+    (table,) = build_report(dirs, pool_seeds=True)["tables"]
+    assert [row["label"] for row in table["rows"]] == [
+        "linear (seeds 0-5)", "daam-v1 (seeds 0-5)", "daam-v1 (seeds 6-8)", "mha (seeds 0-2)", "mha (seeds 0-2)",
+        "mha (seeds 3-5)", "gqa"]
+    rows = {row["label"]: row for row in table["rows"]}
+    pooled = rows["daam-v1 (seeds 0-5)"]
+    assert pooled["per_split"] == {"run1 (seeds 0-2)": 0.79, "run2 (seeds 0-2)": 0.83, "run3 (seeds 0-2)": 0.76,
+                                   "run1 (seeds 3-5)": 0.82, "run2 (seeds 3-5)": 0.80, "run3 (seeds 3-5)": 0.81}
+    assert pooled["mean"] == pytest.approx(0.80166667) and pooled["run_dir"] is None
+    invocation_gaps = [(-0.01 + 0.01 - 0.02) / 3, (0.01 + 0.0 + 0.02) / 3]  # each beside the probe of its seeds
+    assert [member["vs_linear"]["gap"] for member in pooled["members"]] == pytest.approx(invocation_gaps)
+    assert pooled["vs_linear"] == pytest.approx({
+        "gap": sum(invocation_gaps) / 2, "stderr": statistics.stdev(invocation_gaps) / math.sqrt(2), "splits": 6,
+        "invocations": 2, "linear": "linear (seeds 0-5)"})
+    assert rows["daam-v1 (seeds 6-8)"]["vs_linear"] is None  # no probe was trained with its seeds
+    assert rows["gqa"]["vs_linear"]["invocations"] == 1 and rows["gqa"]["vs_linear"]["linear"] == "linear (seeds 0-5)"
+    text = render_report(dirs, pool_seeds=True)
+    assert "| Method | Attention params | Trainable params | Runs | Mean ± std | Δ vs linear ± s.e. |" in text
+    assert f"| daam-v1 (seeds 0-5) | - | - | 6 | 80.17 ± {100 * statistics.pstdev(pooled['per_split'].values()):.2f} | " \
+           f"+0.17 ± {100 * statistics.stdev(invocation_gaps) / math.sqrt(2):.2f} |" in text
+    assert "standard error over the invocations" in text
 
 
 def test_focal_loss_matches_its_formula():
@@ -306,6 +350,13 @@ def test_cli_train_evaluate_report_and_errors(agnews_cache, tmp_path):
     assert result.exit_code == 0 and json.loads(result.stdout)["accuracy"]["per_split"][0]["name"] == "run1"
     result = runner.invoke(app, ["classify", "report", str(out), "--format", "json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["tables"][0]["rows"][0]["method"] == "daam-v2"
+    again = tmp_path / "run-seed5"  # the same settings with another seed: one row with --pool-seeds
+    result = runner.invoke(app, ["classify", "train", "--features", str(agnews_cache), "--decoder", "daam-v2",
+                                 "--out", str(again), "--epochs", "1", "--seed", "5", "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["classify", "report", str(out), str(again), "--pool-seeds", "--format", "json"])
+    (row,) = json.loads(result.stdout)["tables"][0]["rows"]
+    assert row["label"] == "daam-v2 (seeds 0, 5)" and len(row["members"]) == 2 and len(row["per_split"]) == 2
     run_file = out / "run.json"
     run_file.write_text(run_file.read_text().replace(str(agnews_cache.resolve()), str(tmp_path / "moved")))
     result = runner.invoke(app, ["classify", "evaluate", str(out), "--features", str(agnews_cache), "--json"])

@@ -19,6 +19,7 @@ from daamkit.infra.checkpoint import read_json
 from daamkit.infra.errors import DaamkitError
 
 RUN_FILE = "run.json"
+LORA_FILE = "lora.json"  # a LoRA run's settings, in place of run.json
 METRICS_FILE = "metrics.json"
 SPEECH_TASKS = ("iemocap", "audio-folder")
 # The paper's experiments; every other task is a user's own data, where `lr` defaults to "auto".

@@ -34,6 +34,7 @@ from daamkit.classify.encoders import FrozenEncoder, masked_mean
 from daamkit.classify.evaluation import accuracy, accuracy_block, has_utterances, utterance_accuracy
 from daamkit.classify.experiment import (
     LATE_EPOCHS,
+    LORA_FILE,
     LORA_PAPER_EPOCHS,
     LR_GRID,
     METRICS_FILE,
@@ -60,7 +61,6 @@ from daamkit.infra.errors import DaamkitError
 from daamkit.infra.output_paths import output_folder
 from daamkit.infra.progress import log
 
-LORA_FILE = "lora.json"
 # Model types whose query/key adapters cannot train (see the module docstring) -> modules that do.
 TARGET_PRESETS = {"wavlm": ("intermediate_dense", "output_dense")}
 # Names of the attention query/key projections, tried in order on models without a preset.

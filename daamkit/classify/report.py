@@ -5,7 +5,8 @@ One accuracy table per (task, encoder) and metric (chunk-level `accuracy`; IEMOC
 paper's Tables 2-4, and a note when no `linear` probe row is among them, or naming the rows more than
 `BEHIND_LINEAR` below it, and one naming the folds/runs that collapsed (`collapsed`). Beside a probe, every
 other row gets its paired gap to it (`vs_linear`, see `paired_gap`). Rows of one method trained more than
-once (e.g. with several seeds) are labelled with their seeds (`label`). Runs of DAAM
+once (e.g. with several seeds) are labelled with their seeds (`label`); with `pool_seeds` the runs of one
+method and settings that differ only in their seeds become one row (`pool_seed_rows`). Runs of DAAM
 decoders also fill the Gaussian-parameter table (paper Table 5): the min and max of the learned mean
 offsets and scaled variances. Any run folder with a `metrics.json` of this shape takes part, so LoRA
 baselines land in the same tables (their `trainable_parameters`, when given, is shown as the trainable
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import fmean, stdev
 from typing import Optional, Sequence
 
-from daamkit.classify.experiment import METRICS_FILE
+from daamkit.classify.experiment import LORA_FILE, METRICS_FILE, RUN_FILE, summarize
 from daamkit.infra.checkpoint import read_json
 from daamkit.infra.errors import DaamkitError
 
@@ -39,14 +40,32 @@ def _read_metrics(run_dir: Path) -> dict:
     return metrics
 
 
-def build_report(run_dirs: Sequence[str | Path]) -> dict:
-    """The report as data: `tables` (accuracy tables) and `gaussian_parameters` (rows of Table 5)."""
+def _settings_key(run_dir: Path) -> Optional[str]:
+    """The run's settings as given, but its seed, and its data: what runs pooled into one row must share.
+    None for a folder without run.json or lora.json (it is never pooled)."""
+    for name in (RUN_FILE, LORA_FILE):
+        if (run_dir / name).is_file():
+            run = read_json(run_dir / name, f"{run_dir / name} is not readable")
+            settings = {key: value for key, value in (run.get("config") or {}).items() if key != "seed"}
+            data = (run.get("cache") or {}).get("fingerprint") or run.get("data") or run.get("features")
+            return json.dumps([settings, data], sort_keys=True)
+    return None
+
+
+def build_report(run_dirs: Sequence[str | Path], pool_seeds: bool = False) -> dict:
+    """The report as data: `tables` (accuracy tables) and `gaussian_parameters` (rows of Table 5).
+
+    `pool_seeds`: the runs of one method trained with the same settings and data but other seeds become
+    one row (`pool_seed_rows`)."""
     if not run_dirs:
         raise DaamkitError("give at least one run folder")
     tables: dict[tuple, dict] = {}
     gaussian_rows = []
+    settings: dict[str, Optional[str]] = {}
     for run_dir in map(Path, run_dirs):
         metrics = _read_metrics(run_dir)
+        if pool_seeds:
+            settings[str(run_dir)] = _settings_key(run_dir)
         method = metrics.get("method") or metrics.get("decoder") or run_dir.name
         for metric in METRICS:
             block = metrics.get(metric)
@@ -74,31 +93,91 @@ def build_report(run_dirs: Sequence[str | Path]) -> dict:
                                   "seeds": metrics.get("seeds"), **metrics["gaussian_parameters"]})
     _label_rows(gaussian_rows)
     for table in tables.values():
+        probe_runs = [row for row in table["rows"] if row["decoder"] == "linear"]  # paired invocation by invocation
+        if pool_seeds:
+            table["rows"] = pool_seed_rows(table["rows"], settings)
         _label_rows(table["rows"])
         probes = [row for row in table["rows"] if row["decoder"] == "linear"]
         table["behind_linear"] = _behind_linear(table["rows"], probes)
         for row in table["rows"]:
-            row["vs_linear"] = None if row["decoder"] == "linear" else paired_gap(row, probes)
+            row["vs_linear"] = _gap_to_probe(row, probe_runs)
     return {"tables": list(tables.values()), "gaussian_parameters": gaussian_rows}
 
 
+def _gap_to_probe(row: dict, probe_runs: list[dict]) -> Optional[dict]:
+    """A row's `paired_gap` to the probe runs (None for a probe); a pooled row's `pooled_gap` of its runs'
+    paired gaps, each also kept as that run's `vs_linear`."""
+    if "members" not in row:
+        return None if row["decoder"] == "linear" else paired_gap(row, probe_runs)
+    for member in row["members"]:
+        member["vs_linear"] = _gap_to_probe(member, probe_runs)
+    return None if row["decoder"] == "linear" else pooled_gap([member["vs_linear"] for member in row["members"]])
+
+
+def pool_seed_rows(rows: list[dict], settings: dict[str, Optional[str]]) -> list[dict]:
+    """`rows` with every group of runs of one method, settings and data (`settings[run_dir]`, see
+    `_settings_key`) but disjoint seeds merged into one row at the place of its first run.
+
+    A pooled row holds every fold/run of its runs (named `run1 (seeds 3-5)`), their mean and population std,
+    and its runs as `members`. Runs whose seeds overlap (the same seed trained twice) stay apart: pooling
+    them would count one run twice.
+    """
+    groups = defaultdict(list)
+    for row in rows:
+        key = settings.get(row["run_dir"])
+        if key is not None and row["seeds"]:
+            groups[(row["method"], key)].append(row)
+    pooled: dict[int, dict] = {}
+    for members in groups.values():
+        seeds = [seed for member in members for seed in set(member["seeds"])]
+        if len(members) > 1 and len(seeds) == len(set(seeds)):
+            merged = _pooled_row(members)
+            pooled.update({id(member): merged for member in members})
+    out, placed = [], set()
+    for row in rows:
+        merged = pooled.get(id(row), row)
+        if id(merged) not in placed:
+            placed.add(id(merged))
+            out.append(merged)
+    return out
+
+
+def _pooled_row(members: list[dict]) -> dict:
+    """One row for the runs `members`: their folds/runs side by side, tagged with the seeds of their run."""
+    per_split = {f"{name} ({_seed_text(member['seeds'])})": accuracy
+                 for member in members for name, accuracy in member["per_split"].items()}
+    first = members[0]
+    return {**{key: first[key] for key in ("method", "decoder", "attention_parameters", "trainable_parameters")},
+            "run_dir": None, "per_split": per_split, **summarize(list(per_split.values())),
+            "collapsed": [f"{name} ({_seed_text(member['seeds'])})" for member in members
+                          for name in member["collapsed"]],
+            "seeds": [seed for member in members for seed in member["seeds"]], "members": members}
+
+
 def _label_rows(rows: list[dict]) -> None:
-    """Set each row's `label`: its method, with its seeds where another row has the same method."""
+    """Set each row's `label`: its method, with its seeds where another row has the same method or it is pooled
+    (the runs of a pooled row carry its label, the row they are shown in)."""
     repeated = Counter(row["method"] for row in rows)
     for row in rows:
-        row["label"] = _seeded_label(row) if repeated[row["method"]] > 1 else row["method"]
+        row["label"] = _seeded_label(row) if repeated[row["method"]] > 1 or "members" in row else row["method"]
+        for member in row.get("members", []):
+            member["label"] = row["label"]
 
 
 def _seeded_label(row: dict) -> str:
     """The method name with the seeds of its runs, which tell apart two invocations of one method."""
-    seeds = row["seeds"]
-    if not seeds:
+    if not row["seeds"]:
         return f"{row['method']} ({Path(row['run_dir']).name})"
-    if len(set(seeds)) == 1:  # one run, or folds that all share the run's seed
-        return f"{row['method']} (seed {seeds[0]})"
+    return f"{row['method']} ({_seed_text(row['seeds'])})"
+
+
+def _seed_text(seeds: Sequence[int]) -> str:
+    """`seed 7` (one run, or folds that all share the run's seed), `seeds 0-2` or `seeds 1, 5`."""
+    if len(set(seeds)) == 1:
+        return f"seed {seeds[0]}"
     if list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
-        return f"{row['method']} (seeds {seeds[0]}-{seeds[-1]})"
-    return f"{row['method']} (seeds {', '.join(map(str, seeds))})"
+        return f"seeds {seeds[0]}-{seeds[-1]}"
+    return f"seeds {', '.join(map(str, seeds))}"
 
 
 def _behind_linear(rows: list[dict], probes: list[dict]) -> list[dict]:
@@ -127,7 +206,24 @@ def paired_gap(row: dict, probes: list[dict]) -> Optional[dict]:
     shared = [name for name in row["per_split"] if name in probe["per_split"]]
     diffs = [row["per_split"][name] - probe["per_split"][name] for name in shared]
     stderr = stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-    return {"gap": fmean(diffs), "stderr": stderr, "splits": len(diffs), "linear": probe["label"]}
+    return {"gap": fmean(diffs), "stderr": stderr, "splits": len(diffs), "invocations": 1, "linear": probe["label"]}
+
+
+def pooled_gap(gaps: list[Optional[dict]]) -> Optional[dict]:
+    """A pooled row's gap to the probe from its runs' `paired_gap`s: their mean, ± the standard error over the
+    runs (invocations), each one observation.
+
+    The runs of one invocation share the lr that lr auto picked on its first run; across invocations that
+    choice varies too, so this error covers it, which the per-split error of one invocation cannot. With a
+    single paired invocation it is that invocation's gap.
+    """
+    paired = [gap for gap in gaps if gap is not None]
+    if len(paired) < 2:
+        return paired[0] if paired else None
+    values = [gap["gap"] for gap in paired]
+    return {"gap": fmean(values), "stderr": stdev(values) / math.sqrt(len(values)),
+            "splits": sum(gap["splits"] for gap in paired), "invocations": len(paired),
+            "linear": ", ".join(dict.fromkeys(gap["linear"] for gap in paired))}
 
 
 def _gap_cell(gap: Optional[dict]) -> str:
@@ -151,16 +247,24 @@ def render_markdown(report: dict) -> str:
         title = "utterance-level accuracy (%)" if table["metric"] == "utterance_accuracy" else "accuracy (%)"
         lines += [f"### {table['task']} · {table['encoder']} · {title}", ""]
         paired = any(row["vs_linear"] for row in table["rows"])
-        header = ["Method", "Attention params", "Trainable params", *table["columns"], "Mean ± std"]
+        pooled = any("members" in row for row in table["rows"])
+        columns = ["Runs"] if pooled else table["columns"]  # pooled rows' folds/runs do not line up in columns
+        header = ["Method", "Attention params", "Trainable params", *columns, "Mean ± std"]
         header += ["Δ vs linear ± s.e."] if paired else []
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in table["rows"]:
             cells = [row["label"], _count(row["attention_parameters"]), _count(row["trainable_parameters"])]
-            cells += [_percent(row["per_split"].get(name)) for name in table["columns"]]
+            cells += ([str(len(row["per_split"]))] if pooled
+                      else [_percent(row["per_split"].get(name)) for name in table["columns"]])
             cells.append(f"{_percent(row['mean'])} ± {_percent(row['std'])}")
             cells += [_gap_cell(row["vs_linear"])] if paired else []
             lines.append("| " + " | ".join(cells) + " |")
-        if paired:
+        if paired and pooled:
+            lines.append("(Δ vs linear: each invocation's mean difference from the linear probe trained with the "
+                         "same seeds, so on the same dev splits and test items; for a row pooled from several "
+                         "invocations, their mean ± its standard error over the invocations, which covers the lr "
+                         "each one picked; for one invocation, ± the standard error over its folds/runs)")
+        elif paired:
             lines.append("(Δ vs linear: the mean of the per-fold/run differences from the linear probe trained "
                          "with the same seeds, so on the same dev splits and test items; ± its standard error, "
                          "which does not cover a choice shared by all of them, such as the lr picked by lr auto: "
@@ -189,9 +293,9 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def render_report(run_dirs: Sequence[str | Path], fmt: str = "markdown") -> str:
-    """The report of `run_dirs` as markdown or JSON text."""
+def render_report(run_dirs: Sequence[str | Path], fmt: str = "markdown", pool_seeds: bool = False) -> str:
+    """The report of `run_dirs` as markdown or JSON text (`pool_seeds`: see `build_report`)."""
     if fmt not in FORMATS:
         raise DaamkitError(f"`fmt` must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    report = build_report(run_dirs)
+    report = build_report(run_dirs, pool_seeds)
     return json.dumps(report, indent=2) if fmt == "json" else render_markdown(report)

@@ -22,10 +22,10 @@ from typing import Optional
 from daamkit.classify.ablation import render_markdown as render_ablation
 from daamkit.classify.ablation import run_ablation
 from daamkit.classify.decoders import DENSITY_DECODERS, REGISTRY, TABLE_DECODERS, decoder_config
-from daamkit.classify.experiment import LORA_PAPER_EPOCHS, METRICS_FILE, PAPER_EPOCHS, RUN_FILE, default_lr
+from daamkit.classify.experiment import LORA_FILE, LORA_PAPER_EPOCHS, METRICS_FILE, PAPER_EPOCHS, RUN_FILE, default_lr
 from daamkit.classify.extract import extract_features
 from daamkit.classify.feature_cache import FeatureCache
-from daamkit.classify.lora import LORA_FILE, train_lora
+from daamkit.classify.lora import train_lora
 from daamkit.classify.report import build_report, render_markdown
 from daamkit.classify.training import train_decoder
 from daamkit.infra.checkpoint import atomic_write_json, read_json

@@ -159,7 +159,8 @@ def evaluate(
 ) -> None:
     """Re-score a saved run (DAT decoder or LoRA): every fold/run's best checkpoint on its test items."""
     from daamkit.classify.evaluation import evaluate_run
-    from daamkit.classify.lora import LORA_FILE, evaluate_lora
+    from daamkit.classify.experiment import LORA_FILE
+    from daamkit.classify.lora import evaluate_lora
     from daamkit.infra.progress import set_quiet
 
     set_quiet(True)
@@ -201,11 +202,14 @@ def importance(
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="Run folders (classify train / lora)."),
     fmt: str = typer.Option("markdown", "--format", help="markdown | json"),
+    pool_seeds: bool = typer.Option(
+        False, "--pool-seeds", help="One row for the runs of a method trained with the same settings and other "
+        "--seed values; its Δ vs linear ± s.e. is taken over those invocations."),
 ) -> None:
     """Paper-style tables: per-fold/run accuracy with mean ± std, and the learned Gaussian parameters."""
     from daamkit.classify.report import render_report
 
-    typer.echo(render_report(run_dirs, fmt))
+    typer.echo(render_report(run_dirs, fmt, pool_seeds))
 
 
 # --- LoRA baselines, IF ablation, the one-command paper protocol ---
