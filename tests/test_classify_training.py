@@ -270,8 +270,8 @@ def test_report_pools_the_runs_of_one_method_and_settings_trained_with_other_see
     assert len(build_report(dirs)["tables"][0]["rows"]) == 9  # pooling is asked for, never implied
     (table,) = build_report(dirs, pool_seeds=True)["tables"]
     assert [row["label"] for row in table["rows"]] == [
-        "linear (seeds 0-5)", "daam-v1 (seeds 0-5)", "daam-v1 (seeds 6-8)", "mha (seeds 0-2)", "mha (seeds 0-2)",
-        "mha (seeds 3-5)", "gqa"]
+        "linear (seeds 0-5)", "daam-v1 (seeds 0-5)", "daam-v1 (seeds 6-8)", f"mha (seeds 0-2) [{dirs[5]}]",
+        f"mha (seeds 0-2) [{dirs[6]}]", "mha (seeds 3-5)", "gqa"]  # the same label twice: the folders tell them apart
     rows = {row["label"]: row for row in table["rows"]}
     pooled = rows["daam-v1 (seeds 0-5)"]
     assert pooled["per_split"] == {"run1 (seeds 0-2)": 0.79, "run2 (seeds 0-2)": 0.83, "run3 (seeds 0-2)": 0.76,

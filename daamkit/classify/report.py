@@ -155,11 +155,16 @@ def _pooled_row(members: list[dict]) -> dict:
 
 
 def _label_rows(rows: list[dict]) -> None:
-    """Set each row's `label`: its method, with its seeds where another row has the same method or it is pooled
-    (the runs of a pooled row carry its label, the row they are shown in)."""
+    """Set each row's `label`: its method, with its seeds where another row has the same method or it is pooled,
+    and with its run folder where two rows would still read the same (e.g. one seed, other settings). The runs
+    of a pooled row carry its label, the row they are shown in."""
     repeated = Counter(row["method"] for row in rows)
     for row in rows:
         row["label"] = _seeded_label(row) if repeated[row["method"]] > 1 or "members" in row else row["method"]
+    clashes = Counter(row["label"] for row in rows)
+    for row in rows:
+        if clashes[row["label"]] > 1:
+            row["label"] += f" [{row['run_dir'] or row['members'][0]['run_dir']}]"
         for member in row.get("members", []):
             member["label"] = row["label"]
 
