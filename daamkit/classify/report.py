@@ -45,9 +45,12 @@ def _settings_key(run_dir: Path) -> Optional[str]:
     None for a folder without run.json or lora.json (it is never pooled)."""
     for name in (RUN_FILE, LORA_FILE):
         if (run_dir / name).is_file():
-            run = read_json(run_dir / name, f"{run_dir / name} is not readable")
-            settings = {key: value for key, value in (run.get("config") or {}).items() if key != "seed"}
-            data = (run.get("cache") or {}).get("fingerprint") or run.get("data") or run.get("features")
+            run = read_json(run_dir / name)
+            if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+                return None
+            settings = {key: value for key, value in run["config"].items() if key != "seed"}
+            cache = run.get("cache") if isinstance(run.get("cache"), dict) else {}
+            data = cache.get("fingerprint") or run.get("data") or run.get("features")
             return json.dumps([settings, data], sort_keys=True)
     return None
 
@@ -97,6 +100,8 @@ def build_report(run_dirs: Sequence[str | Path], pool_seeds: bool = False) -> di
         if pool_seeds:
             table["rows"] = pool_seed_rows(table["rows"], settings)
         _label_rows(table["rows"])
+        repeated = Counter(row["method"] for row in table["rows"])
+        table["unpooled"] = [row["label"] for row in table["rows"] if pool_seeds and repeated[row["method"]] > 1]
         probes = [row for row in table["rows"] if row["decoder"] == "linear"]
         table["behind_linear"] = _behind_linear(table["rows"], probes)
         for row in table["rows"]:
@@ -281,6 +286,9 @@ def render_markdown(report: dict) -> str:
             behind = ", ".join(f"{row['label']} {100 * row['gap']:+.2f}" for row in table["behind_linear"])
             lines.append(f"(more than {100 * BEHIND_LINEAR:g} points below the linear probe: {behind}; on these "
                          "features the simplest baseline is the better classifier for these rows)")
+        if table["unpooled"]:
+            lines.append(f"(left apart: {', '.join(table['unpooled'])}; runs pool only with the same method, "
+                         "settings and features, disjoint seeds, and a run.json or lora.json)")
         stuck = [f"{row['label']} ({', '.join(row['collapsed'])})" for row in table["rows"] if row["collapsed"]]
         if stuck:
             lines.append(f"(collapsed to always predicting the class frequencies: {'; '.join(stuck)}; these "
