@@ -289,6 +289,9 @@ def test_report_pools_the_runs_of_one_method_and_settings_trained_with_other_see
     assert f"| daam-v1 (seeds 0-5) | - | - | 6 | 80.17 ± {100 * statistics.pstdev(pooled['per_split'].values()):.2f} | " \
            f"+0.17 ± {100 * statistics.stdev(invocation_gaps) / math.sqrt(2):.2f} |" in text
     assert "standard error over the invocations" in text
+    folds = [_finished_run(tmp_path / "s0", "mixture", "mixture", [0.7, 0.8], [4, 4], {"decoder": "mixture"}),
+             _finished_run(tmp_path / "s3", "mixture", "mixture", [0.7, 0.8], [9, 9], {"decoder": "mixture"})]  # folds share a seed
+    assert build_report(folds, pool_seeds=True)["tables"][0]["rows"][0]["label"] == "mixture (seeds 4, 9)"
     assert table["unpooled"] == [row["label"] for row in table["rows"][1:6]]  # said, since pooling was asked for
     assert f"(left apart: daam-v1 (seeds 0-5), daam-v1 (seeds 6-8), mha (seeds 0-2) [{dirs[5]}]" in text
 

@@ -183,11 +183,12 @@ def _seeded_label(row: dict) -> str:
 
 def _seed_text(seeds: Sequence[int]) -> str:
     """`seed 7` (one run, or folds that all share the run's seed), `seeds 0-2` or `seeds 1, 5`."""
-    if len(set(seeds)) == 1:
-        return f"seed {seeds[0]}"
-    if list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
-        return f"seeds {seeds[0]}-{seeds[-1]}"
-    return f"seeds {', '.join(map(str, seeds))}"
+    unique = sorted(set(seeds))
+    if len(unique) == 1:
+        return f"seed {unique[0]}"
+    if unique == list(range(unique[0], unique[-1] + 1)):
+        return f"seeds {unique[0]}-{unique[-1]}"
+    return f"seeds {', '.join(map(str, unique))}"
 
 
 def _behind_linear(rows: list[dict], probes: list[dict]) -> list[dict]:
