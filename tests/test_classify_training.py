@@ -185,7 +185,7 @@ def _finished_run(root, name, decoder, accuracies, seeds=None, settings=None, da
     folder.mkdir()
     if settings is not None:
         (folder / "run.json").write_text(json.dumps({"config": {**settings, "seed": seeds[0]},
-                                                     "cache": {"fingerprint": data}}))
+                                                     "cache": {"fingerprint": data}, "features": f"features/{data}"}))
     per_split = [{"name": f"run{i + 1}", "accuracy": a} for i, a in enumerate(accuracies)]
     (folder / "metrics.json").write_text(json.dumps({
         "method": name, "decoder": decoder, "task": "text-csv", "encoder": "e", "seeds": seeds,
@@ -264,9 +264,9 @@ def test_report_pools_the_runs_of_one_method_and_settings_trained_with_other_see
                           {**plain, "dropout": 0.5}),  # other settings: a row of its own
             _finished_run(tmp_path / "other", "mha", "mha", [0.75, 0.76, 0.77], [0, 1, 2], {"decoder": "mha"}),
             _finished_run(tmp_path / "again", "mha", "mha", [0.78, 0.78, 0.78], [0, 1, 2], {"decoder": "mha"}),
-            _finished_run(tmp_path / "s3", "mha", "mha", [0.80, 0.80, 0.80], [3, 4, 5], {"decoder": "mha"},
-                          data="cache-b"),  # the same seeds twice, and other data: never pooled
-            _finished_run(tmp_path / "s3", "gqa", "gqa", [0.79, 0.79, 0.79], [3, 4, 5])]  # no run.json
+            _finished_run(tmp_path / "s3", "mha", "mha", [0.80, 0.80, 0.80], [3, 4, 5],
+                          {"decoder": "mha"}),  # a group with the same seeds twice is never pooled
+            _finished_run(tmp_path / "s3", "gqa", "gqa", [0.79, 0.79, 0.79], [3, 4, 5], {"decoder": "gqa"})]
     assert len(build_report(dirs)["tables"][0]["rows"]) == 9  # pooling is asked for, never implied
     (table,) = build_report(dirs, pool_seeds=True)["tables"]
     assert [row["label"] for row in table["rows"]] == [
@@ -294,6 +294,21 @@ def test_report_pools_the_runs_of_one_method_and_settings_trained_with_other_see
     assert build_report(folds, pool_seeds=True)["tables"][0]["rows"][0]["label"] == "mixture (seeds 4, 9)"
     assert table["unpooled"] == [row["label"] for row in table["rows"][1:6]]  # said, since pooling was asked for
     assert f"(left apart: daam-v1 (seeds 0-5), daam-v1 (seeds 6-8), mha (seeds 0-2) [{dirs[5]}]" in text
+
+
+def test_report_keeps_runs_on_other_data_in_a_table_of_their_own(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    dirs = [_finished_run(tmp_path / data, decoder, decoder, accuracies, [0, 1], {"decoder": decoder}, data=data)
+            for data, decoder, accuracies in [("a", "linear", [0.80, 0.80]), ("a", "daam-v1", [0.81, 0.83]),
+                                              ("b", "linear", [0.60, 0.60]), ("b", "daam-v1", [0.61, 0.61])]]
+    tables = build_report(dirs)["tables"]
+    assert [(table["data"], [row["label"] for row in table["rows"]]) for table in tables] == [
+        ("a", ["linear", "daam-v1"]), ("b", ["linear", "daam-v1"])]  # no "(seeds 0-1)": each is alone in its table
+    assert [table["rows"][1]["vs_linear"]["gap"] for table in tables] == pytest.approx([0.02, 0.01])
+    text = render_report(dirs)
+    assert "### text-csv · e · features/a · accuracy (%)" in text and "### text-csv · e · features/b · accuracy" in text
+    assert "### text-csv · e · accuracy (%)" in render_report(dirs[:2])  # one data set: the heading stays short
 
 
 def test_focal_loss_matches_its_formula():

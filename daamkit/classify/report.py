@@ -1,6 +1,6 @@
 """Paper-style tables from finished run folders (`classify report RUN_DIR...`).
 
-One accuracy table per (task, encoder) and metric (chunk-level `accuracy`; IEMOCAP adds
+One accuracy table per (task, encoder, task data) and metric (chunk-level `accuracy`; IEMOCAP adds
 `utterance_accuracy`): one row per run (method), one column per fold/run, then mean +- std, as in the
 paper's Tables 2-4, and a note when no `linear` probe row is among them, or naming the rows more than
 `BEHIND_LINEAR` below it, and one naming the folds/runs that collapsed (`collapsed`). Beside a probe, every
@@ -40,19 +40,30 @@ def _read_metrics(run_dir: Path) -> dict:
     return metrics
 
 
-def _settings_key(run_dir: Path) -> Optional[str]:
-    """The run's settings as given, but its seed, and its data: what runs pooled into one row must share.
-    None for a folder without run.json or lora.json (it is never pooled)."""
+def _run_settings(run_dir: Path) -> dict:
+    """What a run's run.json (DAT) or lora.json (LoRA) says about its settings and data: `config` (the options
+    as given), `data` (the fingerprint of the task data read) and `data_path` (the features or data folder).
+    Empty for a folder without either file, or with one of another shape."""
     for name in (RUN_FILE, LORA_FILE):
         if (run_dir / name).is_file():
             run = read_json(run_dir / name)
-            if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
-                return None
-            settings = {key: value for key, value in run["config"].items() if key != "seed"}
+            if not isinstance(run, dict):
+                return {}
             cache = run.get("cache") if isinstance(run.get("cache"), dict) else {}
-            data = cache.get("fingerprint") or run.get("data") or run.get("features")
-            return json.dumps([settings, data], sort_keys=True)
-    return None
+            config = run.get("config")
+            return {"config": config if isinstance(config, dict) else None,
+                    "data": cache.get("fingerprint") or run.get("fingerprint"),
+                    "data_path": run.get("features") or run.get("data")}
+    return {}
+
+
+def _settings_key(run: dict) -> Optional[str]:
+    """A run's settings as given, but its seed, and its data (`_run_settings`): what runs pooled into one row
+    must share. None without settings (such a run is never pooled)."""
+    if not run.get("config"):
+        return None
+    settings = {key: value for key, value in run["config"].items() if key != "seed"}
+    return json.dumps([settings, run["data"]], sort_keys=True)
 
 
 def build_report(run_dirs: Sequence[str | Path], pool_seeds: bool = False) -> dict:
@@ -67,15 +78,17 @@ def build_report(run_dirs: Sequence[str | Path], pool_seeds: bool = False) -> di
     settings: dict[str, Optional[str]] = {}
     for run_dir in map(Path, run_dirs):
         metrics = _read_metrics(run_dir)
-        if pool_seeds:
-            settings[str(run_dir)] = _settings_key(run_dir)
+        run = _run_settings(run_dir)
+        settings[str(run_dir)] = _settings_key(run)
         method = metrics.get("method") or metrics.get("decoder") or run_dir.name
         for metric in METRICS:
             block = metrics.get(metric)
             if block is None:
                 continue
-            key = (metrics.get("task"), metrics.get("encoder"), metric)
-            table = tables.setdefault(key, {"task": key[0], "encoder": key[1], "metric": metric, "columns": [],
+            # one table per task data too: a probe is only ever compared with decoders on its own data
+            key = (metrics.get("task"), metrics.get("encoder"), run.get("data"), metric)
+            table = tables.setdefault(key, {"task": key[0], "encoder": key[1], "data": key[2],
+                                            "data_path": run.get("data_path"), "metric": metric, "columns": [],
                                             "rows": []})
             per_split = {entry["name"]: entry["accuracy"] for entry in block["per_split"]}
             table["columns"] += [name for name in per_split if name not in table["columns"]]
@@ -254,9 +267,13 @@ def _count(value) -> str:
 def render_markdown(report: dict) -> str:
     """Markdown tables (accuracies in %) for the terminal or a README."""
     lines: list[str] = []
+    headings = Counter((table["task"], table["encoder"], table["metric"]) for table in report["tables"])
     for table in report["tables"]:
         title = "utterance-level accuracy (%)" if table["metric"] == "utterance_accuracy" else "accuracy (%)"
-        lines += [f"### {table['task']} · {table['encoder']} · {title}", ""]
+        data = ""  # named where the same task and encoder ran on other data too
+        if headings[table["task"], table["encoder"], table["metric"]] > 1:
+            data = f" · {table['data_path'] or 'data ' + str(table['data'])}"
+        lines += [f"### {table['task']} · {table['encoder']}{data} · {title}", ""]
         paired = any(row["vs_linear"] for row in table["rows"])
         pooled = any("members" in row for row in table["rows"])
         columns = ["Runs"] if pooled else table["columns"]  # pooled rows' folds/runs do not line up in columns
