@@ -11,9 +11,11 @@ from typer.testing import CliRunner
 from daamkit.classify import lora, split_loop
 from daamkit.classify.encoders import FrozenEncoder
 from daamkit.classify.experiment import LORA_PAPER_EPOCHS, LR_GRID, MIN_TRAIN_STEPS, SMALL_POOL_RUNS, default_epochs
+from daamkit.classify.extract import extract_features
 from daamkit.classify.lora import default_target_modules, train_lora
 from daamkit.classify.report import build_report
 from daamkit.classify.run_config import LoRARunConfig
+from daamkit.classify.training import train_decoder
 from daamkit.cli.main import app
 from daamkit.infra import progress
 from daamkit.infra.checkpoint import load_weights
@@ -67,6 +69,10 @@ def test_lora_changes_only_adapter_and_head_weights(tmp_path, agnews_dir, tiny_b
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
     row = build_report([tmp_path / "run"])["tables"][0]["rows"][0]
     assert row["method"] == "LoRA (r=4)" and row["trainable_parameters"] == metrics["trainable_parameters"]
+    extract_features("agnews", agnews_dir, str(tiny_bert), tmp_path / "features", device="cpu")
+    train_decoder(tmp_path / "features", "linear", tmp_path / "probe", epochs=1)
+    (table,) = build_report([tmp_path / "run", tmp_path / "probe"])["tables"]  # the same data: one table
+    assert [row["method"] for row in table["rows"]] == ["LoRA (r=4)", "linear"]
     with pytest.raises(DaamkitError, match="already holds a finished run"):
         train_lora("agnews", agnews_dir, str(tiny_bert), tmp_path / "run", rank=4, epochs=1)
 
