@@ -309,6 +309,14 @@ def test_report_keeps_runs_on_other_data_in_a_table_of_their_own(tmp_path):
     text = render_report(dirs)
     assert "### text-csv · e · features/a · accuracy (%)" in text and "### text-csv · e · features/b · accuracy" in text
     assert "### text-csv · e · accuracy (%)" in render_report(dirs[:2])  # one data set: the heading stays short
+    gaussian = {"mean_offset": {"min": -0.1, "max": 0.1}, "scaled_variance": {"min": 1.5, "max": 2.5}}
+    for folder in (dirs[1], dirs[3]):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "gaussian_parameters": gaussian}))
+    assert [row["label"] for row in build_report(dirs)["gaussian_parameters"]] == ["daam-v1", "daam-v1"]
+    text = render_report(dirs)
+    assert "| Method | Task | Data | Mean offset min |" in text and "| daam-v1 | text-csv | features/b | -0.1000 |" in text
+    assert "| Method | Task | Mean offset min |" in render_report(dirs[:2])
 
 
 def test_focal_loss_matches_its_formula():

@@ -105,9 +105,11 @@ def build_report(run_dirs: Sequence[str | Path], pool_seeds: bool = False) -> di
                 "seeds": metrics.get("seeds"),
             })
         if metrics.get("gaussian_parameters"):
-            gaussian_rows.append({"method": method, "task": metrics.get("task"), "run_dir": str(run_dir),
+            gaussian_rows.append({"method": method, "task": metrics.get("task"), "data": run.get("data"),
+                                  "data_path": run.get("data_path"), "run_dir": str(run_dir),
                                   "seeds": metrics.get("seeds"), **metrics["gaussian_parameters"]})
-    _label_rows(gaussian_rows)
+    for data in dict.fromkeys(row["data"] for row in gaussian_rows):  # labels tell apart the runs of one data set
+        _label_rows([row for row in gaussian_rows if row["data"] == data])
     for table in tables.values():
         probe_runs = [row for row in table["rows"] if row["decoder"] == "linear"]  # paired invocation by invocation
         if pool_seeds:
@@ -313,13 +315,17 @@ def render_markdown(report: dict) -> str:
                          "accuracies say little about the model: raise the lr or train longer)")
         lines.append("")
     if report["gaussian_parameters"]:
-        lines += ["### Learned Gaussian parameters", "",
-                  "| Method | Task | Mean offset min | Mean offset max | Scaled variance min | Scaled variance max |",
-                  "|---|---|---|---|---|---|"]
-        for row in report["gaussian_parameters"]:
+        rows = report["gaussian_parameters"]
+        several = len({row["data"] for row in rows}) > 1  # then a Data column says which set each run learned on
+        header = ["Method", "Task", *(["Data"] if several else []), "Mean offset min", "Mean offset max",
+                  "Scaled variance min", "Scaled variance max"]
+        lines += ["### Learned Gaussian parameters", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
             offset, variance = row["mean_offset"], row["scaled_variance"]
-            lines.append(f"| {row['label']} | {row['task']} | {offset['min']:.4f} | {offset['max']:.4f} | "
-                         f"{variance['min']:.4f} | {variance['max']:.4f} |")
+            data = [row["data_path"] or f"data {row['data']}"] if several else []
+            cells = [row["label"], row["task"], *data, f"{offset['min']:.4f}", f"{offset['max']:.4f}",
+                     f"{variance['min']:.4f}", f"{variance['max']:.4f}"]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
