@@ -1,4 +1,4 @@
-"""Seven small, real labelled text sets for the small-data walkthrough: Debian package descriptions by section.
+"""Eight small, real labelled text sets for the small-data walkthrough: Debian package descriptions by section.
 
 Reads `apt-cache dumpavail` (run `apt-get update` once first), keeps one item per distinct short
 description, and writes `text-csv` folders (train.csv / test.csv with columns text,label):
@@ -12,6 +12,8 @@ description, and writes `text-csv` folders (train.csv / test.csv with columns te
                60 train + 40 test each
     OUT/mix12: 12 sections in their natural proportions, so the classes are imbalanced (libs 258 training
                items, editors 18): 1,200 train + 600 test
+    OUT/fresh6: 6 sections used for no design decision, a check made last (otherosfs, kernel, hamradio,
+               comm, vcs, introspection), 60 train + 40 test each
 
 Usage: python examples/debian_text_sets.py OUT
 The exact items depend on the machine's package lists (here: Debian bookworm + bookworm-security).
@@ -30,6 +32,7 @@ SETS = {
     "lang6": (["python", "perl", "ruby", "haskell", "javascript", "java"], 50, 40, 3),
     "desk4": (["gnome", "kde", "httpd", "interpreters"], 80, 40, 4),
     "lang8": (["rust", "golang", "gnu-r", "php", "ocaml", "lisp", "cli-mono", "tex"], 60, 40, 11),
+    "fresh6": (["otherosfs", "kernel", "hamradio", "comm", "vcs", "introspection"], 60, 40, 21),
 }
 # Sections, train items, test items, seed of the set drawn in the sections' natural proportions.
 NATURAL_SETS = {
