@@ -286,11 +286,12 @@ def test_report_pools_the_runs_of_one_method_and_settings_trained_with_other_see
     assert rows["gqa"]["vs_linear"]["invocations"] == 1 and rows["gqa"]["vs_linear"]["linear"] == "linear (seeds 0-5)"
     text = render_report(dirs, pool_seeds=True)
     assert "| Method | Attention params | Trainable params | Runs | Mean ± std | Δ vs linear ± s.e. |" in text
-    assert f"| daam-v1 (seeds 0-5) | - | - | 6 | 80.17 ± {100 * statistics.pstdev(pooled['per_split'].values()):.2f} | " \
+    spread = 100 * statistics.pstdev(pooled["per_split"].values())
+    assert f"| daam-v1 (seeds 0-5) | - | - | 6 | 80.17 ± {spread:.2f} | " \
            f"+0.17 ± {100 * statistics.stdev(invocation_gaps) / math.sqrt(2):.2f} |" in text
     assert "standard error over the invocations" in text
-    folds = [_finished_run(tmp_path / "s0", "mixture", "mixture", [0.7, 0.8], [4, 4], {"decoder": "mixture"}),
-             _finished_run(tmp_path / "s3", "mixture", "mixture", [0.7, 0.8], [9, 9], {"decoder": "mixture"})]  # folds share a seed
+    folds = [_finished_run(tmp_path / folder, "mixture", "mixture", [0.7, 0.8], [seed, seed], {"decoder": "mixture"})
+             for folder, seed in (("s0", 4), ("s3", 9))]  # the folds of one run share its seed
     assert build_report(folds, pool_seeds=True)["tables"][0]["rows"][0]["label"] == "mixture (seeds 4, 9)"
     assert table["unpooled"] == [row["label"] for row in table["rows"][1:6]]  # said, since pooling was asked for
     assert f"(left apart: daam-v1 (seeds 0-5), daam-v1 (seeds 6-8), mha (seeds 0-2) [{dirs[5]}]" in text
@@ -307,7 +308,8 @@ def test_report_keeps_runs_on_other_data_in_a_table_of_their_own(tmp_path):
         ("a", ["linear", "daam-v1"]), ("b", ["linear", "daam-v1"])]  # no "(seeds 0-1)": each is alone in its table
     assert [table["rows"][1]["vs_linear"]["gap"] for table in tables] == pytest.approx([0.02, 0.01])
     text = render_report(dirs)
-    assert "### text-csv · e · features/a · accuracy (%)" in text and "### text-csv · e · features/b · accuracy" in text
+    assert "### text-csv · e · features/a · accuracy (%)" in text
+    assert "### text-csv · e · features/b · accuracy (%)" in text
     assert "### text-csv · e · accuracy (%)" in render_report(dirs[:2])  # one data set: the heading stays short
     gaussian = {"mean_offset": {"min": -0.1, "max": 0.1}, "scaled_variance": {"min": 1.5, "max": 2.5}}
     for folder in (dirs[1], dirs[3]):
@@ -315,7 +317,8 @@ def test_report_keeps_runs_on_other_data_in_a_table_of_their_own(tmp_path):
         (folder / "metrics.json").write_text(json.dumps({**metrics, "gaussian_parameters": gaussian}))
     assert [row["label"] for row in build_report(dirs)["gaussian_parameters"]] == ["daam-v1", "daam-v1"]
     text = render_report(dirs)
-    assert "| Method | Task | Data | Mean offset min |" in text and "| daam-v1 | text-csv | features/b | -0.1000 |" in text
+    assert "| Method | Task | Data | Mean offset min |" in text
+    assert "| daam-v1 | text-csv | features/b | -0.1000 |" in text
     assert "| Method | Task | Mean offset min |" in render_report(dirs[:2])
 
 

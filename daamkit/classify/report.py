@@ -111,17 +111,22 @@ def build_report(run_dirs: Sequence[str | Path], pool_seeds: bool = False) -> di
     for data in dict.fromkeys(row["data"] for row in gaussian_rows):  # labels tell apart the runs of one data set
         _label_rows([row for row in gaussian_rows if row["data"] == data])
     for table in tables.values():
-        probe_runs = [row for row in table["rows"] if row["decoder"] == "linear"]  # paired invocation by invocation
-        if pool_seeds:
-            table["rows"] = pool_seed_rows(table["rows"], settings)
-        _label_rows(table["rows"])
-        repeated = Counter(row["method"] for row in table["rows"])
-        table["unpooled"] = [row["label"] for row in table["rows"] if pool_seeds and repeated[row["method"]] > 1]
-        probes = [row for row in table["rows"] if row["decoder"] == "linear"]
-        table["behind_linear"] = _behind_linear(table["rows"], probes)
-        for row in table["rows"]:
-            row["vs_linear"] = _gap_to_probe(row, probe_runs)
+        _finish_table(table, settings if pool_seeds else None)
     return {"tables": list(tables.values()), "gaussian_parameters": gaussian_rows}
+
+
+def _finish_table(table: dict, settings: Optional[dict[str, Optional[str]]]) -> None:
+    """Pool a table's rows (when given the runs' `settings`), label them, and compare them with its probe."""
+    probe_runs = [row for row in table["rows"] if row["decoder"] == "linear"]  # paired invocation by invocation
+    if settings is not None:
+        table["rows"] = pool_seed_rows(table["rows"], settings)
+    _label_rows(table["rows"])
+    repeated = Counter(row["method"] for row in table["rows"])
+    table["unpooled"] = [row["label"] for row in table["rows"] if settings is not None and repeated[row["method"]] > 1]
+    probes = [row for row in table["rows"] if row["decoder"] == "linear"]
+    table["behind_linear"] = _behind_linear(table["rows"], probes)
+    for row in table["rows"]:
+        row["vs_linear"] = _gap_to_probe(row, probe_runs)
 
 
 def _gap_to_probe(row: dict, probe_runs: list[dict]) -> Optional[dict]:
