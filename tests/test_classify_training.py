@@ -224,6 +224,8 @@ def test_report_pairs_every_row_with_the_linear_probe_trained_with_the_same_seed
     assert f"| 79.33 ± 0.00 | -0.67 ± {100 * stderr:.2f} |" in text and "| 81.00 ± 0.00 | +1.00 |" in text
     assert "| 71.00 ± 0.00 | - |" in text
     assert "Δ vs linear" not in render_report(dirs[2:])  # without a probe there is nothing to pair with
+    tie = _finished_run(tmp_path, "tie", "mha", [0.80 - 1e-6, 0.82, 0.78], seeds=[0, 1, 2])
+    assert "| +0.00 ± " in render_report([dirs[0], tie])  # a gap that rounds to zero has no minus sign
 
 
 def test_report_labels_the_rows_of_one_method_trained_with_different_seeds(tmp_path):

@@ -260,7 +260,8 @@ def pooled_gap(gaps: list[Optional[dict]]) -> Optional[dict]:
 def _gap_cell(gap: Optional[dict]) -> str:
     if gap is None:
         return "-"
-    return f"{100 * gap['gap']:+.2f}" + ("" if gap["stderr"] is None else f" ± {100 * gap['stderr']:.2f}")
+    points = round(100 * gap["gap"], 2) + 0.0  # a gap that rounds to zero reads +0.00, not -0.00
+    return f"{points:+.2f}" + ("" if gap["stderr"] is None else f" ± {100 * gap['stderr']:.2f}")
 
 
 def _percent(value) -> str:
