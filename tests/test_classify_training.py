@@ -193,6 +193,14 @@ def _finished_run(root, name, decoder, accuracies, seeds=None, settings=None, da
     return folder
 
 
+def _with_gaussian_parameters(folders):
+    """Give finished runs (`_finished_run`) the Gaussian parameters a density decoder's metrics.json holds."""
+    gaussian = {"mean_offset": {"min": -0.1, "max": 0.1}, "scaled_variance": {"min": 1.5, "max": 2.5}}
+    for folder in folders:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**metrics, "gaussian_parameters": gaussian}))
+
+
 def test_report_names_the_rows_more_than_2_points_below_the_linear_probe(tmp_path):
     dirs = [_finished_run(tmp_path, "linear", "linear", [0.80, 0.82]),
             _finished_run(tmp_path, "mha", "mha", [0.80, 0.805]),
@@ -245,10 +253,7 @@ def test_report_labels_the_rows_of_one_method_trained_with_different_seeds(tmp_p
     assert "| daam-v1 (seeds 0-2) |" in text and "below the linear probe: daam-v1 (seeds 0-2) -5.00" in text
     single = build_report(dirs[2:3])["tables"][0]["rows"][0]
     assert single["label"] == "daam-v1"  # a method that appears once keeps its plain name
-    gaussian = {"mean_offset": {"min": -0.1, "max": 0.1}, "scaled_variance": {"min": 1.5, "max": 2.5}}
-    for folder in dirs[2:4]:  # the two daam-v1 runs also fill the Gaussian-parameter table
-        metrics = json.loads((folder / "metrics.json").read_text())
-        (folder / "metrics.json").write_text(json.dumps({**metrics, "gaussian_parameters": gaussian}))
+    _with_gaussian_parameters(dirs[2:4])  # the two daam-v1 runs also fill the Gaussian-parameter table
     assert [row["label"] for row in build_report(dirs)["gaussian_parameters"]] == [
         "daam-v1 (seeds 0-2)", "daam-v1 (seeds 3-5)"]
     assert "| daam-v1 (seeds 3-5) | text-csv | -0.1000 |" in render_report(dirs)
@@ -313,10 +318,7 @@ def test_report_keeps_runs_on_other_data_in_a_table_of_their_own(tmp_path):
     assert "### text-csv · e · features/a · accuracy (%)" in text
     assert "### text-csv · e · features/b · accuracy (%)" in text
     assert "### text-csv · e · accuracy (%)" in render_report(dirs[:2])  # one data set: the heading stays short
-    gaussian = {"mean_offset": {"min": -0.1, "max": 0.1}, "scaled_variance": {"min": 1.5, "max": 2.5}}
-    for folder in (dirs[1], dirs[3]):
-        metrics = json.loads((folder / "metrics.json").read_text())
-        (folder / "metrics.json").write_text(json.dumps({**metrics, "gaussian_parameters": gaussian}))
+    _with_gaussian_parameters([dirs[1], dirs[3]])
     assert [row["label"] for row in build_report(dirs)["gaussian_parameters"]] == ["daam-v1", "daam-v1"]
     text = render_report(dirs)
     assert "| Method | Task | Data | Mean offset min |" in text

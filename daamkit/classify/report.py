@@ -75,11 +75,12 @@ def build_report(run_dirs: Sequence[str | Path], pool_seeds: bool = False) -> di
         raise DaamkitError("give at least one run folder")
     tables: dict[tuple, dict] = {}
     gaussian_rows = []
-    settings: dict[str, Optional[str]] = {}
+    settings: dict[str, Optional[str]] = {}  # run folder -> what its pooled row must share (with `pool_seeds`)
     for run_dir in map(Path, run_dirs):
         metrics = _read_metrics(run_dir)
         run = _run_settings(run_dir)
-        settings[str(run_dir)] = _settings_key(run)
+        if pool_seeds:
+            settings[str(run_dir)] = _settings_key(run)
         method = metrics.get("method") or metrics.get("decoder") or run_dir.name
         for metric in METRICS:
             block = metrics.get(metric)
@@ -121,8 +122,10 @@ def _finish_table(table: dict, settings: Optional[dict[str, Optional[str]]]) -> 
     if settings is not None:
         table["rows"] = pool_seed_rows(table["rows"], settings)
     _label_rows(table["rows"])
-    repeated = Counter(row["method"] for row in table["rows"])
-    table["unpooled"] = [row["label"] for row in table["rows"] if settings is not None and repeated[row["method"]] > 1]
+    table["unpooled"] = []  # with pooling: the rows of a method whose runs stayed apart
+    if settings is not None:
+        repeated = Counter(row["method"] for row in table["rows"])
+        table["unpooled"] = [row["label"] for row in table["rows"] if repeated[row["method"]] > 1]
     probes = [row for row in table["rows"] if row["decoder"] == "linear"]
     table["behind_linear"] = _behind_linear(table["rows"], probes)
     for row in table["rows"]:
@@ -132,11 +135,13 @@ def _finish_table(table: dict, settings: Optional[dict[str, Optional[str]]]) -> 
 def _gap_to_probe(row: dict, probe_runs: list[dict]) -> Optional[dict]:
     """A row's `paired_gap` to the probe runs (None for a probe); a pooled row's `pooled_gap` of its runs'
     paired gaps, each also kept as that run's `vs_linear`."""
-    if "members" not in row:
-        return None if row["decoder"] == "linear" else paired_gap(row, probe_runs)
-    for member in row["members"]:
+    for member in row.get("members", []):
         member["vs_linear"] = _gap_to_probe(member, probe_runs)
-    return None if row["decoder"] == "linear" else pooled_gap([member["vs_linear"] for member in row["members"]])
+    if row["decoder"] == "linear":
+        return None
+    if "members" in row:
+        return pooled_gap([member["vs_linear"] for member in row["members"]])
+    return paired_gap(row, probe_runs)
 
 
 def pool_seed_rows(rows: list[dict], settings: dict[str, Optional[str]]) -> list[dict]:
