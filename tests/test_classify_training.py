@@ -213,6 +213,16 @@ def test_report_names_the_rows_more_than_2_points_below_the_linear_probe(tmp_pat
     assert "points below" not in render_report(dirs[1:])  # no probe, no comparison: the missing-row note instead
 
 
+def test_report_puts_the_linear_probe_rows_first_and_keeps_the_order_of_the_others(tmp_path):
+    dirs = [_finished_run(tmp_path, "gqdaam", "gqdaam", [0.79]),
+            _finished_run(tmp_path, "linear", "linear", [0.80]),
+            _finished_run(tmp_path, "daam-v1", "daam-v1", [0.81])]  # as a shell glob orders them
+    (table,) = build_report(dirs)["tables"]
+    assert [row["method"] for row in table["rows"]] == ["linear", "gqdaam", "daam-v1"]
+    lines = [line for line in render_report(dirs).splitlines() if line.startswith("| ") and "%" not in line]
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| linear", "| gqdaam", "| daam-v1"]
+
+
 def test_report_pairs_every_row_with_the_linear_probe_trained_with_the_same_seeds(tmp_path):
     dirs = [_finished_run(tmp_path, "linear", "linear", [0.80, 0.82, 0.78], seeds=[0, 1, 2]),
             _finished_run(tmp_path, "linear-s3", "linear", [0.90, 0.90, 0.90], seeds=[3, 4, 5]),

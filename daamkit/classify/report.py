@@ -2,8 +2,9 @@
 
 One accuracy table per (task, encoder, task data) and metric (chunk-level `accuracy`; IEMOCAP adds
 `utterance_accuracy`): one row per run (method), one column per fold/run, then mean +- std, as in the
-paper's Tables 2-4, and a note when no `linear` probe row is among them, or naming the rows more than
-`BEHIND_LINEAR` below it, and one naming the folds/runs that collapsed (`collapsed`). Beside a probe, every
+paper's Tables 2-4 (the `linear` probe rows first, the others in the order given), and a note when no
+`linear` probe row is among them, or naming the rows more than `BEHIND_LINEAR` below it, and one naming
+the folds/runs that collapsed (`collapsed`). Beside a probe, every
 other row gets its paired gap to it (`vs_linear`, see `paired_gap`). Rows of one method trained more than
 once (e.g. with several seeds) are labelled with their seeds (`label`); with `pool_seeds` the runs of one
 method and settings that differ only in their seeds become one row (`pool_seed_rows`). Runs of DAAM
@@ -121,6 +122,7 @@ def _finish_table(table: dict, settings: Optional[dict[str, Optional[str]]]) -> 
     probe_runs = [row for row in table["rows"] if row["decoder"] == "linear"]  # paired invocation by invocation
     if settings is not None:
         table["rows"] = pool_seed_rows(table["rows"], settings)
+    table["rows"].sort(key=lambda row: row["decoder"] != "linear")  # the baseline first, the rest as given
     _label_rows(table["rows"])
     table["unpooled"] = []  # with pooling: the rows of a method whose runs stayed apart
     if settings is not None:
