@@ -72,7 +72,7 @@ def test_lora_changes_only_adapter_and_head_weights(tmp_path, agnews_dir, tiny_b
     extract_features("agnews", agnews_dir, str(tiny_bert), tmp_path / "features", device="cpu")
     train_decoder(tmp_path / "features", "linear", tmp_path / "probe", epochs=1)
     (table,) = build_report([tmp_path / "run", tmp_path / "probe"])["tables"]  # the same data: one table
-    assert [row["method"] for row in table["rows"]] == ["LoRA (r=4)", "linear"]
+    assert [row["method"] for row in table["rows"]] == ["linear", "LoRA (r=4)"]  # the probe first
     with pytest.raises(DaamkitError, match="already holds a finished run"):
         train_lora("agnews", agnews_dir, str(tiny_bert), tmp_path / "run", rank=4, epochs=1)
 
