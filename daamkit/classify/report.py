@@ -4,14 +4,13 @@ One accuracy table per (task, encoder, task data) and metric (chunk-level `accur
 `utterance_accuracy`): one row per run (method), one column per fold/run, then mean +- std, as in the
 paper's Tables 2-4 (the `linear` probe rows first, the others in the order given), and a note when no
 `linear` probe row is among them, or naming the rows more than `BEHIND_LINEAR` below it, and one naming
-the folds/runs that collapsed (`collapsed`). Beside a probe, every
-other row gets its paired gap to it (`vs_linear`, see `paired_gap`). Rows of one method trained more than
-once (e.g. with several seeds) are labelled with their seeds (`label`); with `pool_seeds` the runs of one
-method and settings that differ only in their seeds become one row (`pool_seed_rows`). Runs of DAAM
-decoders also fill the Gaussian-parameter table (paper Table 5): the min and max of the learned mean
-offsets and scaled variances. Any run folder with a `metrics.json` of this shape takes part, so LoRA
-baselines land in the same tables (their `trainable_parameters`, when given, is shown as the trainable
-parameter count).
+the folds/runs that collapsed (`collapsed`). Beside a probe, every other row gets its paired gap to it
+(`vs_linear`, see `paired_gap`). Rows of one method trained more than once (e.g. with several seeds) are
+labelled with their seeds (`label`); with `pool_seeds` the runs of one method and settings that differ
+only in their seeds become one row (`pool_seed_rows`). Runs of DAAM decoders also fill the
+Gaussian-parameter table (paper Table 5): the min and max of the learned mean offsets and scaled
+variances. Any run folder with a `metrics.json` of this shape takes part, so LoRA baselines land in the
+same tables (their `trainable_parameters`, when given, is shown as the trainable parameter count).
 """
 
 from __future__ import annotations
